@@ -1,0 +1,298 @@
+"""YAML values that remember where they came from.
+
+Every data file the product reads (governor.yaml, the bundled reply rules and
+reactions) is validated through :class:`Node`, so every error a mail admin sees
+names the file, the line and the key path, says what was expected and what was
+found, e.g. ``governor.yaml:14: limits.per_ip.messages_per_minute: expected a
+positive number, got "fast"``. Problems are collected, not raised one by one, so
+one run of ``governor check-config`` shows all of them.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from yaml.constructor import SafeConstructor
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One validation error, located in its file."""
+
+    file: str
+    line: int
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}"
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class YamlError(ValueError):
+    """A data file is invalid; ``problems`` lists every error found."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+@dataclass
+class Problems:
+    """Collector shared by all nodes of one document."""
+
+    items: list[Problem] = field(default_factory=list)
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise YamlError(sorted(self.items, key=lambda p: (p.file, p.line)))
+
+
+_DURATION_RE = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*)+$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Seconds from ``90``, ``"30s"``, ``"2h"``, ``"1h30m"``, ``"500ms"``, ``"3d"``.
+
+    Raises ValueError for anything else; a bare number means seconds.
+    """
+    if isinstance(text, bool):
+        raise ValueError(f"expected a duration such as 30s, 2h or 3d, got {text!r}")
+    if isinstance(text, (int, float)):
+        if text < 0:
+            raise ValueError(f"expected a duration of zero or more, got {text}")
+        return float(text)
+    if not isinstance(text, str) or not _DURATION_RE.match(text):
+        raise ValueError(f"expected a duration such as 30s, 2h or 3d, got {_show(text)}")
+    return sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
+
+
+def format_duration(seconds: float) -> str:
+    """Short human form of a duration: ``2h``, ``1h30m``, ``45s``, ``250ms``."""
+    if seconds < 1 and seconds > 0:
+        return f"{seconds * 1000:.0f}ms"
+    rest = int(round(seconds))
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if rest >= size:
+            parts.append(f"{rest // size}{unit}")
+            rest %= size
+    return "".join(parts) or "0s"
+
+
+def _show(value: Any) -> str:
+    """How a bad value is quoted in an error message."""
+    if isinstance(value, str):
+        return '"' + (value if len(value) <= 60 else value[:57] + "...") + '"'
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+class _Constructor(SafeConstructor):
+    """Builds plain Python values from scalar nodes (int, float, bool, date, str, null)."""
+
+
+class Node:
+    """A YAML node plus its file and key path; typed accessors record problems."""
+
+    __slots__ = ("node", "file", "path", "problems")
+
+    def __init__(self, node: yaml.Node | None, file: str, path: str, problems: Problems) -> None:
+        self.node = node
+        self.file = file
+        self.path = path
+        self.problems = problems
+
+    # --- basics -------------------------------------------------------------
+    @property
+    def line(self) -> int:
+        return self.node.start_mark.line + 1 if self.node is not None else 1
+
+    def fail(self, message: str, *, line: int | None = None, path: str | None = None) -> None:
+        """Record a problem at this node (or at an explicit line/path)."""
+        self.problems.items.append(
+            Problem(self.file, line or self.line, self.path if path is None else path, message)
+        )
+
+    def child_path(self, key: str | int) -> str:
+        if isinstance(key, int):
+            return f"{self.path}[{key}]"
+        return f"{self.path}.{key}" if self.path else key
+
+    @property
+    def is_null(self) -> bool:
+        return self.node is None or (
+            isinstance(self.node, yaml.ScalarNode) and self.node.tag == "tag:yaml.org,2002:null"
+        )
+
+    def raw(self) -> Any:
+        """The plain Python value of this node (scalars, lists, mappings)."""
+        if self.node is None:
+            return None
+        c = _Constructor()
+        return c.construct_object(self.node, deep=True)
+
+    # --- containers ----------------------------------------------------------
+    def mapping(self, allowed: Iterable[str] | None = None) -> dict[str, Node]:
+        """Children of a mapping; keys outside ``allowed`` are reported with a suggestion."""
+        if self.is_null:
+            return {}
+        if not isinstance(self.node, yaml.MappingNode):
+            self.fail(f"expected a mapping (key: value lines), got {_show(self.raw())}")
+            return {}
+        known = list(allowed) if allowed is not None else None
+        out: dict[str, Node] = {}
+        for key_node, value_node in self.node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if not isinstance(key, str) or key == "":
+                self.fail("keys must be plain strings", line=key_node.start_mark.line + 1)
+                continue
+            kpath = self.child_path(key)
+            if known is not None and key not in known:
+                hint = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+                msg = "unknown key"
+                msg += f' (did you mean "{hint[0]}"?)' if hint else f"; expected one of: {', '.join(known)}"
+                self.fail(msg, line=key_node.start_mark.line + 1, path=kpath)
+                continue
+            if key in out:
+                self.fail("duplicate key", line=key_node.start_mark.line + 1, path=kpath)
+            out[key] = Node(value_node, self.file, kpath, self.problems)
+        return out
+
+    def sequence(self) -> list[Node]:
+        if self.is_null:
+            return []
+        if not isinstance(self.node, yaml.SequenceNode):
+            self.fail(f"expected a list, got {_show(self.raw())}")
+            return []
+        return [Node(n, self.file, self.child_path(i), self.problems) for i, n in enumerate(self.node.value)]
+
+    def items(self) -> Iterator[tuple[str, Node]]:
+        """Key/value pairs of a free-form mapping (no allowed-key check)."""
+        return iter(self.mapping(None).items())
+
+    # --- scalars ---------------------------------------------------------------
+    def _scalar(self) -> Any:
+        if self.node is not None and not isinstance(self.node, yaml.ScalarNode):
+            return self.raw()
+        return self.raw()
+
+    def string(self, default: str | None = None, *, pattern: str | None = None, what: str = "a string") -> str | None:
+        if self.is_null:
+            return default
+        v = self._scalar()
+        if not isinstance(v, str) or v == "":
+            self.fail(f"expected {what}, got {_show(v)}")
+            return default
+        if pattern is not None and not re.fullmatch(pattern, v):
+            self.fail(f"expected {what}, got {_show(v)}")
+            return default
+        return v
+
+    def boolean(self, default: bool) -> bool:
+        if self.is_null:
+            return default
+        v = self._scalar()
+        if not isinstance(v, bool):
+            self.fail(f"expected true or false, got {_show(v)}")
+            return default
+        return v
+
+    def integer(self, default: int | None, *, minimum: int | None = None, maximum: int | None = None) -> int | None:
+        if self.is_null:
+            return default
+        v = self._scalar()
+        if isinstance(v, bool) or not isinstance(v, int):
+            self.fail(f"expected a whole number{_range(minimum, maximum)}, got {_show(v)}")
+            return default
+        if (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
+            self.fail(f"expected a whole number{_range(minimum, maximum)}, got {v}")
+            return default
+        return v
+
+    def number(self, default: float | None, *, positive: bool = False, minimum: float | None = None,
+               maximum: float | None = None) -> float | None:
+        if self.is_null:
+            return default
+        v = self._scalar()
+        kind = "a positive number" if positive else "a number"
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            self.fail(f"expected {kind}{_range(minimum, maximum)}, got {_show(v)}")
+            return default
+        if (positive and v <= 0) or (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
+            self.fail(f"expected {kind}{_range(minimum, maximum)}, got {v}")
+            return default
+        return float(v)
+
+    def duration(self, default: float | None, *, positive: bool = False) -> float | None:
+        if self.is_null:
+            return default
+        try:
+            seconds = parse_duration(self._scalar())
+        except ValueError as exc:
+            self.fail(str(exc))
+            return default
+        if positive and seconds <= 0:
+            self.fail(f"expected a duration above zero, got {_show(self._scalar())}")
+            return default
+        return seconds
+
+    def choice(self, default: str, choices: Iterable[str]) -> str:
+        options = list(choices)
+        if self.is_null:
+            return default
+        v = self._scalar()
+        if v not in options:
+            self.fail(f"expected one of {', '.join(options)}, got {_show(v)}")
+            return default
+        return v
+
+    def string_list(self, *, pattern: str | None = None, what: str = "a string") -> tuple[str, ...]:
+        """A list of strings (a single string is accepted as a one-item list)."""
+        if isinstance(self.node, yaml.ScalarNode) and not self.is_null:
+            v = self.string(pattern=pattern, what=what)
+            return (v,) if v else ()
+        out = []
+        for item in self.sequence():
+            v = item.string(pattern=pattern, what=what)
+            if v is not None:
+                out.append(v)
+        return tuple(out)
+
+
+def _range(minimum: float | None, maximum: float | None) -> str:
+    if minimum is not None and maximum is not None:
+        return f" from {minimum:g} to {maximum:g}"
+    if minimum is not None:
+        return f" of at least {minimum:g}"
+    if maximum is not None:
+        return f" of at most {maximum:g}"
+    return ""
+
+
+def parse(text: str, file: str) -> tuple[Node, Problems]:
+    """Parse one YAML document into a root :class:`Node`.
+
+    A syntax error becomes a :class:`YamlError` naming file:line.
+    """
+    problems = Problems()
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        raise YamlError([Problem(file, line, "", f"YAML syntax error: {exc.problem or exc}")]) from None
+    except yaml.YAMLError as exc:  # pragma: no cover - non-marked errors are rare
+        raise YamlError([Problem(file, 1, "", f"YAML error: {exc}")]) from None
+    return Node(node, file, "", problems), problems
