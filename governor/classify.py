@@ -47,6 +47,7 @@ __all__ = [
     "classify",
     "is_bracket_code",
     "load_rules",
+    "required_literals",
 ]
 
 CLASSES = ("rate", "reputation", "block", "transient", "content", "policy", "recipient")
@@ -100,7 +101,8 @@ _ENH_HASH = re.compile(r"#(?P<enh>[245]\.[0-9]{1,3}\.[0-9]{1,3})(?![0-9.])")
 _ENH_BEFORE_TOKEN = re.compile(r"(?<![\w.])(?P<enh>[245]\.[0-9]{1,3}\.[0-9]{1,3})\s+\[[A-Za-z]")
 _IP_FROM = re.compile(r"from\s*[(\[]?\s*(?P<ip>[0-9A-Fa-f:.]{3,45})", re.IGNORECASE)
 _IP_OTHER = re.compile(r"(?:<\s*|relay=\[)(?P<ip>[0-9A-Fa-f:.]{3,45})", re.IGNORECASE)
-_IPV4 = re.compile(r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])")
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"  # no leading zeros, like ipaddress
+_IPV4 = re.compile(rf"(?:{_OCTET}\.){{3}}{_OCTET}")
 _YAHOO_HOST = r"(?P<h>(?:[A-Za-z0-9-]{1,63}\.){1,10}(?:yahoo\.com|yahoodns\.net|yahoo\.net|aol\.com))"
 _HOST_LEAD = re.compile(r"[2-5][0-9][0-9][ -]" + _YAHOO_HOST + r"(?![\w.-])", re.IGNORECASE)
 _HOST_TAIL = re.compile(r"\s(?:-\s+|(?=(?:mta|atlas)[0-9a-z-]*\.))" + _YAHOO_HOST + r"\.?\s*$", re.IGNORECASE)
@@ -437,7 +439,7 @@ def _flatten(t: str) -> tuple[str, str]:
         flat = " ".join([parts[0], *(_CONT_PREFIX.sub("", p, count=1) for p in parts[1:])]).strip()
     else:
         text = flat = t
-    if len(flat) > 4 and flat[3] == "-" and flat[:3].isdigit():
+    if len(flat) > 4 and flat[3] == "-" and flat[:3].isascii() and flat[:3].isdigit():
         # Postfix joins the lines of a multi-line reply with spaces, keeping "NNN-".
         flat = re.sub(r"\s" + flat[:3] + r"[ -](?:[245]\.[0-9]{1,3}\.[0-9]{1,3}\s+)?", " ", flat)
     return text, flat

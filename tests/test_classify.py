@@ -498,3 +498,9 @@ def test_permanent_override_and_derivation() -> None:
 )
 def test_required_literals(pattern: str, expected: tuple[str, ...] | None) -> None:
     assert required_literals(pattern) == expected
+
+
+def test_host_words_inside_a_reply_are_not_a_wrapper() -> None:
+    reply = "554 5.7.1 Service unavailable; Client host mail.example[192.0.2.1] blocked using zen.spamhaus.org"
+    result = classify(reply)
+    assert (result.text, result.host, result.stage, result.code) == (reply, None, None, None)
