@@ -37,6 +37,8 @@ from typing import Any
 
 import yaml
 
+from governor.yamlnode import Node, YamlError, load, parse
+
 __all__ = [
     "CLASSES",
     "SCOPES",
@@ -110,8 +112,12 @@ _MAX_IP_CANDIDATES = 8
 _HOST_SUFFIXES = ("yahoo.com", "yahoodns.net", "yahoo.net", "aol.com")
 
 
-class RuleError(ValueError):
-    """A rule table is invalid; the message starts with ``file:line:``."""
+class RuleError(YamlError):
+    """A rule table is invalid; the message starts with ``file:line:``.
+
+    ``problems`` lists every error in the table; a :class:`Rule` built in code
+    with a bad field raises it with a plain message (and no problems).
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,8 +215,8 @@ def _compile_match(pattern: Any) -> tuple[re.Pattern[str] | None, str]:
     return regex, ""
 
 
-def _read_source(source: str | os.PathLike[str], name: str | None) -> tuple[str, str]:
-    """Return (YAML text, name for messages).
+def _parse_source(source: str | os.PathLike[str], name: str | None) -> Node:
+    """The root node of a rule table given as a path or as YAML text.
 
     A str containing a newline is YAML text; a str naming an existing file or
     ending in .yaml/.yml is a path; any other str is (one-line) YAML text.
@@ -218,12 +224,8 @@ def _read_source(source: str | os.PathLike[str], name: str | None) -> tuple[str,
     if isinstance(source, str):
         looks_like_path = source.strip().endswith((".yaml", ".yml")) or _is_file(source)
         if "\n" in source or not looks_like_path:
-            return source, name or "replies.yaml"
-    path = Path(source)
-    try:
-        return path.read_text(encoding="utf-8"), name or str(path)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RuleError(f"{name or path}:1: cannot read rule table: {exc}") from exc
+            return parse(source, name or "replies.yaml", error=RuleError)[0]
+    return load(source, name, error=RuleError)[0]
 
 
 def _is_file(source: str) -> bool:
@@ -233,79 +235,45 @@ def _is_file(source: str) -> bool:
         return False
 
 
-def _compose(text: str, name: str) -> tuple[yaml.Node | None, Any]:
-    """Compose (keeps line numbers) and construct the YAML document."""
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()  # what yaml.compose() does
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else 1
-        raise RuleError(f"{name}:{line}: invalid YAML: {exc.problem or exc.context}") from exc
-    except yaml.YAMLError as exc:
-        raise RuleError(f"{name}:1: invalid YAML: {exc}") from exc
-    finally:
-        loader.dispose()
-    return node, data
+def _rule_nodes(root: Node) -> list[Node]:
+    """The rules: the document itself when it is a list, else its ``rules:`` key."""
+    if isinstance(root.node, yaml.SequenceNode):
+        return root.sequence()
+    top = root.mapping(["rules"])
+    if "rules" not in top:
+        root.fail("missing (expected a 'rules:' list)", path="rules")
+        return []
+    if top["rules"].is_null:
+        top["rules"].fail("expected a list of rules, got nothing (null)")
+    return top["rules"].sequence()
 
 
-def _line(node: yaml.Node) -> int:
-    return node.start_mark.line + 1
-
-
-def _rules_node(root: yaml.Node | None, name: str) -> yaml.SequenceNode:
-    """The sequence of rules: the document itself or its ``rules:`` key."""
-    if isinstance(root, yaml.SequenceNode):
-        return root
-    if isinstance(root, yaml.MappingNode):
-        found: yaml.Node | None = None
-        for key_node, value_node in root.value:
-            if key_node.value != "rules":
-                raise RuleError(f"{name}:{_line(key_node)}: {key_node.value}: unknown key (expected 'rules')")
-            found = value_node
-        if isinstance(found, yaml.SequenceNode):
-            return found
-        if found is not None:
-            raise RuleError(f"{name}:{_line(found)}: rules: must be a list of rules")
-    line = _line(root) if root is not None else 1
-    raise RuleError(f"{name}:{line}: rules: missing (expected a 'rules:' list)")
-
-
-def _rule_from_node(node: yaml.Node, data: Any, index: int, name: str) -> Rule:
-    """Validate one rule mapping; every error names the line of the offending value."""
-    where = f"rules[{index}]"
-    if not isinstance(node, yaml.MappingNode) or not isinstance(data, dict):
-        raise RuleError(f"{name}:{_line(node)}: {where}: must be a mapping with keys {', '.join(RULE_KEYS)}")
-    value_nodes: dict[str, yaml.Node] = {}
-    for key_node, value_node in node.value:
-        key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.value)
-        if key not in RULE_KEYS:
-            raise RuleError(f"{name}:{_line(key_node)}: {where}.{key}: unknown key (expected {', '.join(RULE_KEYS)})")
-        if key in value_nodes:
-            raise RuleError(f"{name}:{_line(key_node)}: {where}.{key}: duplicate key")
-        value_nodes[key] = value_node
-    for key in RULE_KEYS:
-        if key not in value_nodes:
-            raise RuleError(f"{name}:{_line(node)}: {where}.{key}: missing")
-        problem = _field_problem(key, data[key]) if key != "match" else _compile_match(data[key])[1] or None
+def _rule_from_node(node: Node) -> Rule | None:
+    """Validate one rule mapping; every problem names the line of the offending value."""
+    values: dict[str, Any] = {}
+    for key, field_node in node.mapping(RULE_KEYS, required=RULE_KEYS).items():
+        value = field_node.raw()
+        problem = _compile_match(value)[1] if key == "match" else _field_problem(key, value)
         if problem:
-            raise RuleError(f"{name}:{_line(value_nodes[key])}: {where}.{key}: {problem}")
-    return Rule(code=data["code"], cls=data["class"], scope=data["scope"], permanent=data["permanent"],
-                match=data["match"], meaning=data["meaning"].strip(), line=_line(node))
+            field_node.fail(problem)
+        else:
+            values[key] = value
+    if len(values) < len(RULE_KEYS):
+        return None
+    return Rule(code=values["code"], cls=values["class"], scope=values["scope"], permanent=values["permanent"],
+                match=values["match"], meaning=values["meaning"].strip(), line=node.line)
 
 
 def load_rules(path_or_text: str | os.PathLike[str], *, name: str | None = None) -> list[Rule]:
     """Load and validate a rule table (a path, or YAML text containing a newline).
 
-    Raises :class:`RuleError` whose message starts with ``file:line:`` so an admin
-    editing an override can go straight to the mistake.
+    Raises :class:`RuleError` listing every problem, each starting with
+    ``file:line:`` so an admin editing an override can go straight to the mistake.
     """
-    text, name = _read_source(path_or_text, name)
-    root, data = _compose(text, name)
-    seq = _rules_node(root, name)
-    items = data if isinstance(data, list) else data["rules"]
-    return [_rule_from_node(node, item, i, name) for i, (node, item) in enumerate(zip(seq.value, items))]
+    root = _parse_source(path_or_text, name)
+    rules = [_rule_from_node(node) for node in _rule_nodes(root)]
+    root.problems.raise_if_any()
+    return [rule for rule in rules if rule is not None]
 
 
 # --- literal pre-filter derived from each regex ---------------------------------

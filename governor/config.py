@@ -22,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from governor.yamlnode import Node, Problem, Problems, YamlError, parse
+from governor.yamlnode import Node, Problems, YamlError, load, parse
 
 DEFAULT_PATH = Path("/etc/yahoo-governor/governor.yaml")
 CLASSES = ("rate", "reputation", "block", "transient", "content", "policy", "recipient")
@@ -555,12 +555,11 @@ def _or(value: Any, default: Any) -> Any:
 def _bundled_reactions() -> tuple[dict[str, Reaction], dict[str, Reaction]]:
     """Default reactions from governor/data/reactions.yaml (validated like user config)."""
     text = resources.files("governor").joinpath("data/reactions.yaml").read_text()
-    root, problems = parse(text, "reactions.yaml")
+    root, problems = parse(text, "reactions.yaml", error=ConfigError)
     m = root.mapping(["reactions", "class_reactions"])
     codes = _read_reactions(_get(m, "reactions"), {}, classes=False)
     classes = _read_reactions(_get(m, "class_reactions"), {}, classes=True)
-    if problems.items:
-        raise ConfigError(problems.items)
+    problems.raise_if_any()
     return codes, classes
 
 
@@ -587,10 +586,11 @@ def _scale(cfg: Config) -> Config:
 # --------------------------------------------------------------------------- entry points
 def load_config_text(text: str, name: str = "<string>") -> Config:
     """Validate YAML text into a Config; raises ConfigError listing every problem."""
-    try:
-        root, problems = parse(text, name)
-    except YamlError as exc:
-        raise ConfigError(exc.problems) from None
+    return _read_config(*parse(text, name, error=ConfigError))
+
+
+def _read_config(root: Node, problems: Problems) -> Config:
+    name = root.file
     m = root.mapping(_TOP_KEYS)
     codes, classes = _bundled_reactions()
     cfg = Config(
@@ -612,8 +612,7 @@ def load_config_text(text: str, name: str = "<string>") -> Config:
         metrics=_read_metrics(_get(m, "metrics")),
         logging=_read_logging(_get(m, "logging")),
     )
-    if problems.items:
-        raise ConfigError(sorted(problems.items, key=lambda p: p.line))
+    problems.raise_if_any()
     return _scale(cfg)
 
 
@@ -623,14 +622,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         if not DEFAULT_PATH.exists():
             return default_config()
         path = DEFAULT_PATH
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError([Problem(str(p), 1, "", "file not found")]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([Problem(str(p), 1, "", f"cannot read: {exc}")]) from None
-    return load_config_text(text, p.name if p.parent == Path(".") else str(p))
+    return _read_config(*load(path, error=ConfigError))
 
 
 def default_config() -> Config:

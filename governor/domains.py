@@ -39,9 +39,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from governor.yamlnode import Node, Problem, YamlError, parse
+from governor.yamlnode import Node, Problems, YamlError, load, parse
 
 GROUPS = ("yahoo", "aol", "att", "verizon", "other")
 ATT_FAMILY_MODES = ("auto", "on", "off")
@@ -214,13 +212,7 @@ def _read_domain_name(node: Node) -> str | None:
 
 
 def _read_entry(node: Node, seen: dict[str, int]) -> BundledEntry | None:
-    if not isinstance(node.node, yaml.MappingNode):
-        node.fail("expected a mapping with domain, group and source")
-        return None
-    m = node.mapping(["domain", "group", "source", "confirmed", "note"])
-    for key in ("domain", "group", "source"):
-        if key not in m:
-            node.fail(f"missing key {key}")
+    m = node.mapping(["domain", "group", "source", "confirmed", "note"], required=("domain", "group", "source"))
     domain = _read_domain_name(m["domain"]) if "domain" in m else None
     group = m["group"].choice("", GROUPS) if "group" in m else ""
     source = m["source"].string_list(what="a source (repo:path or URL)") if "source" in m else ()
@@ -236,13 +228,7 @@ def _read_entry(node: Node, seen: dict[str, int]) -> BundledEntry | None:
 
 
 def _read_never(node: Node, seen: dict[str, int]) -> NeverEntry | None:
-    if not isinstance(node.node, yaml.MappingNode):
-        node.fail("expected a mapping with domain, reason and source")
-        return None
-    m = node.mapping(["domain", "reason", "source"])
-    for key in ("domain", "reason", "source"):
-        if key not in m:
-            node.fail(f"missing key {key}")
+    m = node.mapping(["domain", "reason", "source"], required=("domain", "reason", "source"))
     domain = _read_domain_name(m["domain"]) if "domain" in m else None
     reason = m["reason"].string(None, what="a sentence saying why") if "reason" in m else None
     source = m["source"].string_list(what="a source (repo:path or URL)") if "source" in m else ()
@@ -257,10 +243,10 @@ def _read_never(node: Node, seen: dict[str, int]) -> NeverEntry | None:
 
 def parse_bundled(text: str, file: str = DATA_FILE) -> BundledDomains:
     """Validate the text of a domains file; raises :class:`DomainDataError` listing every problem."""
-    try:
-        root, problems = parse(text, file)
-    except YamlError as exc:
-        raise DomainDataError(exc.problems) from None
+    return _read_bundled(*parse(text, file, error=DomainDataError))
+
+
+def _read_bundled(root: Node, problems: Problems) -> BundledDomains:
     top = root.mapping(["domains", "never"])
     if "domains" not in top:
         root.fail("missing key domains (the list of Yahoo-operated domains)")
@@ -275,9 +261,8 @@ def parse_bundled(text: str, file: str = DATA_FILE) -> BundledDomains:
         nev = _read_never(item, seen)
         if nev is not None:
             never[nev.domain] = nev
-    if problems.items:
-        raise DomainDataError(sorted(problems.items, key=lambda p: p.line))
-    return BundledDomains(entries=entries, never=never, file=file)
+    problems.raise_if_any()
+    return BundledDomains(entries=entries, never=never, file=root.file)
 
 
 @functools.lru_cache(maxsize=1)
@@ -293,12 +278,7 @@ def load_bundled(path: str | Path | None = None) -> BundledDomains:
     """
     if path is None:
         return _bundled_default()
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DomainDataError([Problem(p.name, 1, "", f"cannot read: {exc}")]) from None
-    return parse_bundled(text, p.name)
+    return _read_bundled(*load(path, Path(path).name, error=DomainDataError))
 
 
 # --------------------------------------------------------------------------- verdicts

@@ -1,18 +1,25 @@
 """YAML values that remember where they came from.
 
-Every data file the product reads (governor.yaml, the bundled reply rules and
-reactions) is validated through :class:`Node`, so every error a mail admin sees
-names the file, the line and the key path, says what was expected and what was
-found, e.g. ``governor.yaml:14: limits.per_ip.messages_per_minute: expected a
-positive number, got "fast"``. Problems are collected, not raised one by one, so
-one run of ``governor check-config`` shows all of them.
+Every data file the product reads (governor.yaml, the reply rule table, the
+bundled reactions and domain set, the simulator's settings) is read with
+:func:`parse` or :func:`load` and validated through :class:`Node`, so every error
+a mail admin sees names the file, the line and the key path, says what was
+expected and what was found, e.g. ``governor.yaml:14:
+limits.per_ip.messages_per_minute: expected a positive number, got "fast"``.
+Problems are collected, not raised one by one, so one run of ``governor
+check-config`` shows all of them.
+
+Each reader passes its own :class:`YamlError` subclass as ``error=``; syntax
+errors, unreadable files and :meth:`Problems.raise_if_any` then raise that class.
 """
 from __future__ import annotations
 
 import difflib
+import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -34,22 +41,33 @@ class Problem:
 
 
 class YamlError(ValueError):
-    """A data file is invalid; ``problems`` lists every error found."""
+    """A data file is invalid; ``problems`` lists every error found.
 
-    def __init__(self, problems: list[Problem]) -> None:
-        self.problems = problems
-        super().__init__("\n".join(str(p) for p in problems))
+    A subclass that is also raised for values from no file (a rule built in code,
+    a setting from the command line) may be given a plain message instead; its
+    ``problems`` is then empty.
+    """
+
+    def __init__(self, problems: Sequence[Problem] | str) -> None:
+        if isinstance(problems, str):
+            self.problems: list[Problem] = []
+            super().__init__(problems)
+        else:
+            self.problems = list(problems)
+            super().__init__("\n".join(str(p) for p in self.problems))
 
 
 @dataclass
 class Problems:
-    """Collector shared by all nodes of one document."""
+    """Collector shared by all nodes of one document; ``error`` is the class raised."""
 
     items: list[Problem] = field(default_factory=list)
+    error: type[YamlError] = YamlError
 
     def raise_if_any(self) -> None:
+        """Raise ``error`` listing every problem in file and line order, if there are any."""
         if self.items:
-            raise YamlError(sorted(self.items, key=lambda p: (p.file, p.line)))
+            raise self.error(sorted(self.items, key=lambda p: (p.file, p.line)))
 
 
 _DURATION_RE = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*)+$")
@@ -103,6 +121,11 @@ class _Constructor(SafeConstructor):
     """Builds plain Python values from scalar nodes (int, float, bool, date, str, null)."""
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_STR_TAG = "tag:yaml.org,2002:str"
+_BAD_MERGE = "expected a mapping (or a list of mappings) to merge"
+
+
 class Node:
     """A YAML node plus its file and key path; typed accessors record problems."""
 
@@ -144,16 +167,28 @@ class Node:
         return c.construct_object(self.node, deep=True)
 
     # --- containers ----------------------------------------------------------
-    def mapping(self, allowed: Iterable[str] | None = None) -> dict[str, Node]:
-        """Children of a mapping; keys outside ``allowed`` are reported with a suggestion."""
-        if self.is_null:
+    def mapping(self, allowed: Iterable[str] | None = None, *, required: Iterable[str] = ()) -> dict[str, Node]:
+        """Children of a mapping; keys outside ``allowed`` are reported with a suggestion.
+
+        Each key of ``required`` that is absent is reported as ``PATH.KEY: missing
+        key`` at this node's line (unless an unknown key was already reported as a
+        likely misspelling of it); when keys are required, a null value is not a
+        mapping either. Merge keys (``<<: *anchor``) are expanded, and keys given
+        in the mapping itself override merged ones.
+        """
+        needed = tuple(required)
+        if self.is_null and not needed:
             return {}
         if not isinstance(self.node, yaml.MappingNode):
-            self.fail(f"expected a mapping (key: value lines), got {_show(self.raw())}")
+            what = f"a mapping with keys {', '.join(needed)}" if needed else "a mapping (key: value lines)"
+            self.fail(f"expected {what}, got {_show(self.raw())}")
             return {}
         known = list(allowed) if allowed is not None else None
+        pairs, merged = self._pairs()
         out: dict[str, Node] = {}
-        for key_node, value_node in self.node.value:
+        given: set[str] = set()  # keys written in this mapping itself (not merged in)
+        hinted: set[str] = set()
+        for index, (key_node, value_node) in enumerate(pairs):
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
             if not isinstance(key, str) or key == "":
                 self.fail("keys must be plain strings", line=key_node.start_mark.line + 1)
@@ -161,14 +196,43 @@ class Node:
             kpath = self.child_path(key)
             if known is not None and key not in known:
                 hint = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+                hinted.update(hint)
                 msg = "unknown key"
                 msg += f' (did you mean "{hint[0]}"?)' if hint else f"; expected one of: {', '.join(known)}"
                 self.fail(msg, line=key_node.start_mark.line + 1, path=kpath)
                 continue
-            if key in out:
-                self.fail("duplicate key", line=key_node.start_mark.line + 1, path=kpath)
+            if index >= merged:
+                if key in given:
+                    self.fail("duplicate key", line=key_node.start_mark.line + 1, path=kpath)
+                given.add(key)
             out[key] = Node(value_node, self.file, kpath, self.problems)
+        for key in needed:
+            if key not in out and key not in hinted:
+                self.fail("missing key", path=self.child_path(key))
         return out
+
+    def _pairs(self, node: yaml.MappingNode | None = None,
+               outer: frozenset[int] = frozenset()) -> tuple[list[tuple[yaml.Node, yaml.Node]], int]:
+        """(key, value) node pairs with merge keys expanded as PyYAML does, and how many
+        of them (at the start) were merged in; a later pair overrides an earlier one.
+        """
+        node = self.node if node is None else node
+        if not any(k.tag == _MERGE_TAG for k, _ in node.value):
+            return node.value, 0
+        outer = outer | {id(node)}
+        merged: list[tuple[yaml.Node, yaml.Node]] = []
+        own: list[tuple[yaml.Node, yaml.Node]] = []
+        for key_node, value_node in node.value:
+            if key_node.tag != _MERGE_TAG:
+                own.append((key_node, value_node))
+                continue
+            sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            for source in reversed(sources):  # of several mappings merged, the first listed wins
+                if not isinstance(source, yaml.MappingNode) or id(source) in outer:  # a loop of merges
+                    self.fail(_BAD_MERGE, line=source.start_mark.line + 1, path=self.child_path("<<"))
+                    continue
+                merged.extend(self._pairs(source, outer)[0])
+        return merged + own, len(merged)
 
     def sequence(self) -> list[Node]:
         if self.is_null:
@@ -281,18 +345,79 @@ def _range(minimum: float | None, maximum: float | None) -> str:
     return ""
 
 
-def parse(text: str, file: str) -> tuple[Node, Problems]:
+def parse(text: str, file: str, *, error: type[YamlError] = YamlError) -> tuple[Node, Problems]:
     """Parse one YAML document into a root :class:`Node`.
 
-    A syntax error becomes a :class:`YamlError` naming file:line.
+    A syntax error, or a value YAML cannot build (an unknown ``!tag``, a date such
+    as 2024-13-45), raises ``error`` naming file:line; the returned
+    :class:`Problems` raises ``error`` too.
     """
-    problems = Problems()
+    problems = Problems(error=error)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
-        raise YamlError([Problem(file, line, "", f"YAML syntax error: {exc.problem or exc}")]) from None
+        raise error([Problem(file, line, "", f"YAML syntax error: {exc.problem or exc}")]) from None
     except yaml.YAMLError as exc:  # pragma: no cover - non-marked errors are rare
-        raise YamlError([Problem(file, 1, "", f"YAML error: {exc}")]) from None
-    return Node(node, file, "", problems), problems
+        raise error([Problem(file, 1, "", f"YAML error: {exc}")]) from None
+    root = Node(node, file, "", problems)
+    if node is not None:
+        _check_values(root)
+        problems.raise_if_any()
+    return root, problems
+
+
+def load(path: str | os.PathLike[str], file: str | None = None, *,
+         error: type[YamlError] = YamlError) -> tuple[Node, Problems]:
+    """Read a UTF-8 file and :func:`parse` it; errors name ``file`` (default: ``path``).
+
+    A file that cannot be read raises ``error`` (``FILE:1: cannot read: ...``).
+    """
+    name = file or str(Path(path))
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error([Problem(name, 1, "", "cannot read: file not found")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise error([Problem(name, 1, "", f"cannot read: {reason}")]) from None
+    return parse(text, name, error=error)
+
+
+def _check_values(root: Node) -> None:
+    """Record a problem for every node :meth:`Node.raw` could not build.
+
+    Scalars are built once here; collections only need a known tag (building them
+    would expand merge keys in place, which :meth:`Node.mapping` does itself).
+    """
+    c = _Constructor()
+    seen: set[int] = set()
+    todo = [root]
+    while todo:
+        n = todo.pop()
+        if id(n.node) in seen:  # aliases: each node once
+            continue
+        seen.add(id(n.node))
+        if isinstance(n.node, yaml.ScalarNode):
+            if n.node.tag == _STR_TAG:  # cannot fail, and most values are strings
+                continue
+            try:
+                c.construct_object(n.node)
+            except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
+                n.fail(f"invalid value: {getattr(exc, 'problem', None) or exc}")
+            continue
+        if n.node.tag not in c.yaml_constructors:
+            n.fail(f"invalid value: unknown tag {n.node.tag}")
+        elif isinstance(n.node, yaml.SequenceNode):
+            todo.extend(Node(v, n.file, n.child_path(i), n.problems) for i, v in enumerate(n.node.value))
+        else:
+            for k, v in n.node.value:
+                key = k.value if isinstance(k, yaml.ScalarNode) else "?"
+                value = Node(v, n.file, n.child_path(key), n.problems)
+                if k.tag != _MERGE_TAG:
+                    todo.append(Node(k, n.file, n.path, n.problems))
+                elif not all(isinstance(m, yaml.MappingNode)
+                             for m in (v.value if isinstance(v, yaml.SequenceNode) else [v])):
+                    value.fail(_BAD_MERGE)
+                todo.append(value)

@@ -429,11 +429,11 @@ def test_missing_unknown_and_duplicate_keys() -> None:
 
 
 def test_structural_errors() -> None:
-    assert _error("rules:\n  - just a string\n").startswith("replies.yaml:2: rules[0]: must be a mapping")
+    assert _error("rules:\n  - just a string\n").startswith("replies.yaml:2: rules[0]: expected a mapping")
     assert _error("rule:\n  - {}\n").startswith("replies.yaml:1: rule: unknown key")
-    assert _error("rules: 3\n").startswith("replies.yaml:1: rules: must be a list")
+    assert _error("rules: 3\n").startswith("replies.yaml:1: rules: expected a list")
     assert _error("# nothing\n").startswith("replies.yaml:1: rules: missing")
-    assert _error("rules:\n  - code: [unclosed\n").startswith("replies.yaml:3: invalid YAML")
+    assert _error("rules:\n  - code: [unclosed\n").startswith("replies.yaml:3: YAML syntax error")
     assert _error(_table(GOOD_RULE.format(code="A1", match="x"), "  - code: 'x\n")).startswith("replies.yaml:")
 
 

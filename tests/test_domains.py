@@ -109,7 +109,7 @@ def test_data_error_names_file_and_line() -> None:
     assert 'domains.yaml:4: domains[2].domain: expected the canonical form "yahoo.com"' in msg
     assert "domains.yaml:5: domains[3].domain: duplicate domain yahoo.com (first listed at line 2)" in msg
     assert "domains.yaml:6:" in msg and "empty label" in msg
-    assert "domains.yaml:7: domains[5]: missing key source" in msg
+    assert "domains.yaml:7: domains[5].source: missing key" in msg
     assert "domains.yaml:9:" in msg and "both as a Yahoo domain" in msg
 
 

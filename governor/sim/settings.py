@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from governor.yamlnode import YamlError, load
 
 STAGES = ("connect", "mail", "rcpt")
 
@@ -32,8 +32,11 @@ DEFAULT_DD_PATTERN = r"^(?:nouser|unknown)(?:[-._+][^@]*)?@"
 DEFAULT_DEFER_PATTERN = r"^(?:complain|defer)(?:[-._+][^@]*)?@"
 
 
-class SettingsError(ValueError):
-    """Invalid simulator setting; the message names the key (and file:line if known)."""
+class SettingsError(YamlError):
+    """Invalid simulator setting; the message names the key (and file:line if known).
+
+    From :meth:`Settings.from_yaml`, ``problems`` lists every error in the file.
+    """
 
 
 @dataclass(frozen=True)
@@ -195,28 +198,15 @@ class Settings:
 
     @classmethod
     def from_yaml(cls, path: str | Path, base: Settings | None = None) -> Settings:
-        """Load a flat YAML mapping; errors carry ``file:line``."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise SettingsError(f"{path}: cannot read: {exc.strerror}") from None
-        try:
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise SettingsError(f"{path}: invalid YAML: {exc}") from None
-        if data is None:
-            return base or cls()
-        if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
-            raise SettingsError(f"{path}:1: expected a mapping of setting names to values")
-        lines = {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+        """Load a flat YAML mapping; every error is ``file:line: key: message``."""
+        root, problems = load(path, error=SettingsError)
         settings = base or cls()
-        for key, value in data.items():
+        for key, node in root.items():
             try:
-                settings = settings.from_mapping({str(key): value}, settings)
+                settings = settings.from_mapping({key: node.raw()}, settings)
             except SettingsError as exc:
-                raise SettingsError(f"{path}:{lines.get(str(key), 1)}: {exc}") from None
+                node.fail(str(exc).removeprefix(key.replace("-", "_") + ": "))
+        problems.raise_if_any()
         return settings
 
     def with_value(self, key: str, value: Any) -> Settings:
