@@ -380,3 +380,16 @@ def test_yaml_errors_carry_file_and_line(tmp_path: Path) -> None:
     bad.write_text("max_conn: 7\n\nlisten: ['192.0.2.1:25']\n")
     with pytest.raises(SettingsError, match=r"bad\.yaml:3: .*loopback"):
         Settings.from_yaml(bad)
+
+
+def test_yaml_settings_are_checked_as_a_whole(tmp_path) -> None:
+    """Raising both escalation thresholds in one file is valid even past the old ts03 default."""
+    from governor.sim.settings import Settings, SettingsError
+
+    path = tmp_path / "sim.yaml"
+    path.write_text("ts02_after: 60\nts03_after: 90\n")
+    s = Settings.from_yaml(path)
+    assert (s.ts02_after, s.ts03_after) == (60, 90)
+    path.write_text("ts02_after: 60\nts03_after: 10\n")
+    with pytest.raises(SettingsError, match=r"sim.yaml:1: ts03_after \(10\) must be >= ts02_after \(60\)"):
+        Settings.from_yaml(path)

@@ -200,14 +200,20 @@ class Settings:
     def from_yaml(cls, path: str | Path, base: Settings | None = None) -> Settings:
         """Load a flat YAML mapping; every error is ``file:line: key: message``."""
         root, problems = load(path, error=SettingsError)
-        settings = base or cls()
+        values: dict[str, Any] = {}
         for key, node in root.items():
             try:
-                settings = settings.from_mapping({key: node.raw()}, settings)
+                values[key.replace("-", "_")] = coerce(key, node.raw())
             except SettingsError as exc:
                 node.fail(str(exc).removeprefix(key.replace("-", "_") + ": "))
         problems.raise_if_any()
-        return settings
+        # Cross-field checks (ts03_after >= ts02_after) see the whole file at once.
+        try:
+            return dataclasses.replace(base or cls(), **values)
+        except SettingsError as exc:
+            root.fail(str(exc))
+            problems.raise_if_any()
+            raise
 
     def with_value(self, key: str, value: Any) -> Settings:
         """A copy with one setting changed (validated); used by ``set KEY VALUE``."""
