@@ -51,19 +51,27 @@ DEB
   apt-get install -y -qq --no-install-recommends $missing >/dev/null
 }
 
+extract_deb() {
+  # extract_deb PACKAGE: download a Debian package and unpack it into $LAB/exim-root.
+  local pkg="$1" debs="$LAB/debs"
+  mkdir -p "$debs"
+  chown _apt "$debs" 2>/dev/null || true
+  (cd "$debs" && apt-get download -qq "$pkg" >/dev/null 2>&1) || {
+    apt-get update -qq && (cd "$debs" && apt-get download -qq "$pkg")
+  }
+  dpkg -x "$debs/${pkg}"_*.deb "$LAB/exim-root"
+}
+
 install_exim() {
-  # Exim 4.96 from Debian, extracted (not installed) next to Postfix; see docs.
-  local exim="$LAB/exim-root/usr/sbin/exim4"
-  if [ ! -x "$exim" ]; then
+  # Exim 4.96 from Debian, extracted (not installed) next to Postfix: the daemon
+  # binary, and exim4-base for exim_dumpdb & co. (hints database inspection).
+  if [ ! -x "$LAB/exim-root/usr/sbin/exim4" ]; then
     log "extracting exim4-daemon-light into $LAB/exim-root"
-    local debs="$LAB/debs"
-    mkdir -p "$debs"
-    chown _apt "$debs" 2>/dev/null || true
-    (cd "$debs" && apt-get download -qq exim4-daemon-light >/dev/null 2>&1) || {
-      apt-get update -qq && (cd "$debs" && apt-get download -qq exim4-daemon-light)
-    }
-    rm -rf "$LAB/exim-root"
-    dpkg -x "$debs"/exim4-daemon-light_*.deb "$LAB/exim-root"
+    extract_deb exim4-daemon-light
+  fi
+  if [ ! -x "$LAB/exim-root/usr/sbin/exim_dumpdb" ]; then
+    log "extracting exim4-base utilities into $LAB/exim-root"
+    extract_deb exim4-base
   fi
   getent group Debian-exim >/dev/null || groupadd --system Debian-exim
   id Debian-exim >/dev/null 2>&1 || useradd --system -g Debian-exim -d /var/spool/exim4 -M -s /usr/sbin/nologin Debian-exim

@@ -1,0 +1,41 @@
+"""governor.store: Redis-backed, atomic per-IP admission and feedback state.
+
+Every decision is one server-side Lua script (``*.lua`` next to this file, loaded
+with importlib.resources and run through redis-py Script objects: EVALSHA with
+automatic reload on NOSCRIPT). Time is Redis ``TIME`` inside the scripts, never a
+client clock. ``Store`` (blocking) and ``AsyncStore`` (asyncio) share the scripts
+and all argument building / result parsing (``plans.py``).
+
+Key scheme (``<p>`` = ``config.redis.prefix``, default ``gov``; ``<ip>`` = the
+normalised IP literal, which is also the Redis Cluster hash tag, so every
+per-IP script touches exactly one slot)::
+
+    <p>:{<ip>}:leases   ZSET  lease member -> expiry (us); expired members purged by acquire
+    <p>:{<ip>}:state    HASH  t GCRA theoretical arrival time (us),
+                              cu/cr/cy/cs cooldown until/reason/reply/start,
+                              hd/hr/hy/hs held flag/reason/reply/since,
+                              pu/pr/ps provider pause (copied here by the admin op),
+                              lv level, f0/fs/fr ramp factor/start/duration,
+                              mpc messages per connection, hq hold-queue until,
+                              wd/wn/w0 warm-up day/count/first day,
+                              gw/gc/gp grants in the current/previous 60 s window,
+                              ll/lt/lb last limit fired/when/budget returns
+    <p>:{<ip>}:pauses   ZSET  pause starts (us), trimmed to escalation.repeat_window
+    <p>:{<ip>}:defer    ZSET  deferrals (us), trimmed to complaints.window
+    <p>:{<ip>}:compl    ZSET  complaint signals (us), trimmed to complaints.window
+    <p>:{<ip>}:holds    HASH  "<mta>/<queue id>" -> JSON hold record
+    <p>:audit           STREAM every automatic and admin action (MAXLEN ~ audit_maxlen)
+    <p>:holdidx         HASH  "<mta>/<queue id>" -> ip (find a hold without its IP)
+    <p>:provider        HASH  provider pause (pu/pr/ps), for status; hot path never reads it
+
+Lease ids are ``<ip>|<16 hex>[|<holder>]`` so release() finds the IP's key with
+no lookup. Everything that reaches a key name is validated first (keys.py).
+"""
+from __future__ import annotations
+
+from governor.store.aio import AsyncStore
+from governor.store.keys import IpKeys, KeyScheme
+from governor.store.model import AuditEntry, Decision, Hold, IpStatus
+from governor.store.sync import Store
+
+__all__ = ["AsyncStore", "AuditEntry", "Decision", "Hold", "IpKeys", "IpStatus", "KeyScheme", "Store"]
