@@ -563,7 +563,7 @@ def _bundled_reactions() -> tuple[dict[str, Reaction], dict[str, Reaction]]:
     return codes, classes
 
 
-def _scale(cfg: Config) -> Config:
+def apply_time_scale(cfg: Config) -> Config:
     """Multiply every duration by time_scale (tests run Yahoo's hours in seconds)."""
     s = cfg.time_scale
     if s == 1.0:
@@ -613,7 +613,7 @@ def _read_config(root: Node, problems: Problems) -> Config:
         logging=_read_logging(_get(m, "logging")),
     )
     problems.raise_if_any()
-    return _scale(cfg)
+    return apply_time_scale(cfg)
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:

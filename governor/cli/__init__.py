@@ -41,6 +41,7 @@ _COMMAND_MODULES = (
     "governor.cli.config_cmds",
     "governor.cli.domain_cmd",
     "governor.cli.sim_cmd",
+    "governor.cli.demo_cmd",
 )
 
 for _name in _COMMAND_MODULES:
