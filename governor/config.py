@@ -184,6 +184,25 @@ class Sockets:
 
 
 @dataclass(frozen=True)
+class PostfixConfig:
+    """Where the Postfix integration acts, and the nexthop the slot transports use."""
+
+    config_directory: str = "/etc/postfix"
+    command_directory: str = "/usr/sbin"
+    nexthop: str = ""  # empty: route by the recipient domain's MX; e.g. "[127.0.0.1]:2525" in a lab
+
+
+@dataclass(frozen=True)
+class EximConfig:
+    """The Exim integration: binary, config file, and how long a router call may wait."""
+
+    binary: str = "/usr/sbin/exim4"
+    config_file: str | None = None
+    wait: float = 2.0  # a router's acquire may wait this long for a rate slot
+    readsocket_timeout: int = 3  # whole seconds (Exim ignores fractions)
+
+
+@dataclass(frozen=True)
 class Metrics:
     listen: str | None = "127.0.0.1:9425"
 
@@ -214,6 +233,8 @@ class Config:
     complaints: Complaints = field(default_factory=Complaints)
     holds: Holds = field(default_factory=Holds)
     sockets: Sockets = field(default_factory=Sockets)
+    postfix: PostfixConfig = field(default_factory=PostfixConfig)
+    exim: EximConfig = field(default_factory=EximConfig)
     metrics: Metrics = field(default_factory=Metrics)
     logging: Logging = field(default_factory=Logging)
 
@@ -507,6 +528,35 @@ def _read_sockets(n: Node) -> Sockets:
     )
 
 
+_NEXTHOP = r"(\[[^\]\s]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?"
+
+
+def _read_postfix(n: Node) -> PostfixConfig:
+    d = PostfixConfig()
+    m = n.mapping(["config_directory", "command_directory", "nexthop"])
+    nexthop = _get(m, "nexthop")
+    return PostfixConfig(
+        config_directory=_get(m, "config_directory").string(d.config_directory, pattern=r"/\S*",
+                                                            what="an absolute directory") or d.config_directory,
+        command_directory=_get(m, "command_directory").string(d.command_directory, pattern=r"/\S*",
+                                                              what="an absolute directory") or d.command_directory,
+        nexthop="" if nexthop.is_null or nexthop.raw() == "" else (
+            nexthop.string(d.nexthop, pattern=_NEXTHOP, what="a Postfix nexthop such as [127.0.0.1]:2525") or ""),
+    )
+
+
+def _read_exim(n: Node) -> EximConfig:
+    d = EximConfig()
+    m = n.mapping(["binary", "config_file", "wait", "readsocket_timeout"])
+    return EximConfig(
+        binary=_get(m, "binary").string(d.binary, pattern=r"/\S+", what="an absolute path") or d.binary,
+        config_file=_get(m, "config_file").string(None, pattern=r"/\S+", what="an absolute path"),
+        wait=_or(_get(m, "wait").duration(d.wait), d.wait),
+        readsocket_timeout=_get(m, "readsocket_timeout").integer(d.readsocket_timeout, minimum=1, maximum=60)
+        or d.readsocket_timeout,
+    )
+
+
 def _read_metrics(n: Node) -> Metrics:
     m = n.mapping(["listen"])
     node = _get(m, "listen")
@@ -534,7 +584,8 @@ def _read_logging(n: Node) -> Logging:
 
 
 _TOP_KEYS = ("redis", "mode", "redis_down", "time_scale", "pool", "limits", "warmup", "domains", "reactions",
-             "class_reactions", "escalation", "complaints", "holds", "sockets", "metrics", "logging")
+             "class_reactions", "escalation", "complaints", "holds", "sockets", "postfix", "exim", "metrics",
+             "logging")
 
 
 def _get(m: dict[str, Node], key: str) -> Node:
@@ -609,6 +660,8 @@ def _read_config(root: Node, problems: Problems) -> Config:
         complaints=_read_complaints(_get(m, "complaints")),
         holds=_read_holds(_get(m, "holds")),
         sockets=_read_sockets(_get(m, "sockets")),
+        postfix=_read_postfix(_get(m, "postfix")),
+        exim=_read_exim(_get(m, "exim")),
         metrics=_read_metrics(_get(m, "metrics")),
         logging=_read_logging(_get(m, "logging")),
     )
