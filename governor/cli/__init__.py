@@ -42,6 +42,7 @@ _COMMAND_MODULES = (
     "governor.cli.domain_cmd",
     "governor.cli.sim_cmd",
     "governor.cli.demo_cmd",
+    "governor.cli.admin_cmds",
 )
 
 for _name in _COMMAND_MODULES:
