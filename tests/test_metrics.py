@@ -45,3 +45,20 @@ def test_metrics_endpoint_shows_store_state_and_counters(redis_url: str) -> None
     assert value(again, 'governor_leases_in_use{ip="127.0.0.3"}') == 0
     assert value(again, 'governor_replies_total{code="TSS04",ip="127.0.0.2"}') >= 2
     store.close()
+
+
+def test_grafana_dashboard_only_uses_exported_metrics() -> None:
+    """Every metric the shipped dashboard queries is one the governor exports."""
+    import json
+    import re
+    from pathlib import Path
+
+    dash = json.loads((Path(__file__).resolve().parent.parent / "packaging/grafana/yahoo-governor.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\b(governor_[a-z_]+?)(?:_bucket|_total)?\b", e)}
+    exported = {"governor_decisions", "governor_replies", "governor_actions", "governor_requests",
+                "governor_redis_errors", "governor_redis_latency_seconds", "governor_queue_operations",
+                "governor_leases_in_use", "governor_concurrency_limit", "governor_rate_allowed_per_minute",
+                "governor_rate_granted_last_minute", "governor_cooldown_active", "governor_ip_held",
+                "governor_escalation_level", "governor_holds_active", "governor_deferrals_window"}
+    assert used <= exported, used - exported
