@@ -43,6 +43,7 @@ _COMMAND_MODULES = (
     "governor.cli.sim_cmd",
     "governor.cli.demo_cmd",
     "governor.cli.admin_cmds",
+    "governor.cli.report_cmd",
 )
 
 for _name in _COMMAND_MODULES:

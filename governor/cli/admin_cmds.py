@@ -11,6 +11,7 @@ import getpass
 import ipaddress
 import os
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -141,12 +142,12 @@ def status(ctx: click.Context, as_json: bool, watch: bool, interval: float) -> N
     The title line says how many IPs may send to Yahoo right now. An IP is
     "cooling" after a deferral (with the reply that caused it and the time left),
     "HELD" after a block until an admin runs `governor release-ip`, "ramping back"
-    while its rate recovers after a cooldown.
+    while its rate recovers after a cooldown. `--json --watch` streams snapshots
+    that `governor report --png` turns into a picture.
     """
     with store_for(ctx) as store:
         if as_json:
-            for row in store.status():
-                emit_json(status_json(row))
+            _status_lines(store, watch, interval)
             return
         console = Console()
         if not watch:
@@ -159,6 +160,20 @@ def status(ctx: click.Context, as_json: bool, watch: bool, interval: float) -> N
                     live.update(status_table(store.status()), refresh=True)
             except KeyboardInterrupt:
                 pass
+
+
+def _status_lines(store: Store, watch: bool, interval: float) -> None:
+    """JSON Lines, once or every ``interval`` (a stream `governor report` can draw)."""
+    try:
+        while True:
+            for row in store.status():
+                emit_json(status_json(row))
+            if not watch:
+                return
+            sys.stdout.flush()
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        pass
 
 
 @main.group("show")
