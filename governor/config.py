@@ -53,7 +53,7 @@ class ClusterConfig:
 
 @dataclass(frozen=True)
 class RedisConfig:
-    url: str = "unix:///run/redis/redis.sock"
+    url: str = "redis://127.0.0.1:6379/0"
     prefix: str = "gov"
     socket_timeout: float = 0.5
     connect_timeout: float = 1.0

@@ -17,6 +17,7 @@ APT_PACKAGES=(
   postfix libmilter-dev swaks
   libidn12 gcc make python3-dev python3-venv
   ca-certificates procps iproute2
+  systemd dpkg-dev man-db mandoc
 )
 
 log() { printf 'setup: %s\n' "$*" >&2; }
