@@ -44,6 +44,8 @@ _COMMAND_MODULES = (
     "governor.cli.demo_cmd",
     "governor.cli.admin_cmds",
     "governor.cli.report_cmd",
+    "governor.cli.exim_cmds",
+    "governor.cli.serve_cmd",
 )
 
 for _name in _COMMAND_MODULES:

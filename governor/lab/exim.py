@@ -39,7 +39,14 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.utils import make_msgid
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import TYPE_CHECKING, BinaryIO, TextIO
+
+# The -bp parser lives with the queue agent's Exim backend; re-exported for the lab.
+from governor.adapters.exim_queue import SpoolEntry as QueuedMessage  # noqa: F401
+from governor.adapters.exim_queue import parse_bp  # noqa: F401
+
+if TYPE_CHECKING:
+    from governor.exim_setup import EximSetup
 
 EXIM_USER = "Debian-exim"
 TRUSTED_CONFIGS = Path("/etc/exim4/trusted_configs")
@@ -88,6 +95,17 @@ def find_exim_util(name: str, exim: Path | None = None) -> Path | None:
     return Path(found) if found else None
 
 
+def lab_unavailable() -> str | None:
+    """Why a private Exim instance cannot run on this box, or None: tests skip with it."""
+    if os.geteuid() != 0:
+        return "needs root (setuid exim, /etc/exim4/trusted_configs)"
+    try:
+        find_exim()
+    except EximError as e:
+        return str(e)
+    return None if TRUSTED_CONFIGS.exists() else f"{TRUSTED_CONFIGS} missing; run scripts/setup.sh"
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """Ask the kernel for a free TCP port on ``host``."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -122,6 +140,8 @@ class EximConfig:
         " +smtp_connection -queue_run"
     )
     acl_rcpt: str = "accept hosts = 127.0.0.1 : ::1\ndeny message = relay not permitted"
+    acl_rcpt_name: str = "acl_check_rcpt"
+    acl_smtp_rcpt: str = "acl_check_rcpt"
     main_extra: str = ""
     routers_before: str = ""
     transport_options: str = ""
@@ -132,6 +152,57 @@ class EximConfig:
 
     def render(self, inst: "EximInstance") -> str:
         """The config text; paths come from the instance so it can live anywhere."""
+        sections = self.sections(inst)
+        parts = [sections.pop("")]
+        for name, text in sections.items():
+            parts += [f"begin {name}", text]
+        return "\n\n".join(p for p in parts if p) + "\n"
+
+    def sections(self, inst: "EximInstance") -> dict[str, str]:
+        """Section name ('' = main) → text, so other builders can put pieces in between."""
+        transport = [
+            "remote_smtp:",
+            "driver = smtp",
+            "hosts_try_fastopen = :",
+        ]
+        if self.interface:
+            transport.append(f"interface = {self.interface}")
+        if self.transport_options:
+            transport.append(self.transport_options)
+        routers = [
+            self.routers_before,
+            "to_sink:\n"
+            "driver = manualroute\n"
+            "domains = ! +local_domains\n"
+            "transport = remote_smtp\n"
+            f"route_list = * {self.sink_route(inst)} byname\n"
+            "self = send",
+            "local_devnull:\n"
+            "driver = accept\n"
+            "domains = +local_domains\n"
+            "transport = devnull",
+        ]
+        transports = [
+            "\n".join(transport),
+            "devnull:\n"
+            "driver = appendfile\n"
+            "file = /dev/null\n"
+            f"user = {EXIM_USER}",
+            self.transports_extra,
+        ]
+        return {
+            "": self.main_section(inst),
+            "acl": f"{self.acl_rcpt_name}:\n{self.acl_rcpt}",
+            "routers": "\n\n".join(p for p in routers if p),
+            "transports": "\n\n".join(p for p in transports if p),
+            "retry": self.retry_rules,
+        }
+
+    def sink_route(self, inst: "EximInstance") -> str:
+        """The next hop in route_list form: ``127.0.0.1::PORT``."""
+        return f"{self.sink_host}::{self.sink_port}"
+
+    def main_section(self, inst: "EximInstance") -> str:
         main = [
             f"exim_path = {inst.exim}",
             f"spool_directory = {inst.spool_dir}",
@@ -145,7 +216,7 @@ class EximConfig:
             "rfc1413_hosts = :",
             "host_lookup = :",
             "tls_advertise_hosts = :",
-            "acl_smtp_rcpt = acl_check_rcpt",
+            f"acl_smtp_rcpt = {self.acl_smtp_rcpt}",
             f"remote_max_parallel = {self.remote_max_parallel}",
             f"queue_run_max = {self.queue_run_max}",
             f"log_selector = {self.log_selector}",
@@ -154,42 +225,35 @@ class EximConfig:
             main.append("queue_only = true")
         if self.main_extra:
             main.append(self.main_extra)
-        transport = [
-            "remote_smtp:",
-            "driver = smtp",
-            "hosts_try_fastopen = :",
-        ]
-        if self.interface:
-            transport.append(f"interface = {self.interface}")
-        if self.transport_options:
-            transport.append(self.transport_options)
-        parts = [
-            "\n".join(main),
-            "begin acl",
-            "acl_check_rcpt:\n" + self.acl_rcpt,
-            "begin routers",
-            self.routers_before,
-            "to_sink:\n"
-            "driver = manualroute\n"
-            "domains = ! +local_domains\n"
-            "transport = remote_smtp\n"
-            f"route_list = * {self.sink_host}::{self.sink_port} byname\n"
-            "self = send",
-            "local_devnull:\n"
-            "driver = accept\n"
-            "domains = +local_domains\n"
-            "transport = devnull",
-            "begin transports",
-            "\n".join(transport),
-            "devnull:\n"
-            "driver = appendfile\n"
-            "file = /dev/null\n"
-            f"user = {EXIM_USER}",
-            self.transports_extra,
-            "begin retry",
-            self.retry_rules,
-        ]
-        return "\n\n".join(p for p in parts if p) + "\n"
+        return "\n".join(main)
+
+
+@dataclass
+class GovernedEximConfig:
+    """The lab config with the governor's generated snippets (``governor.exim_setup``).
+
+    ``layout="split"`` concatenates the Debian conf.d pieces in order (as
+    update-exim4.conf would); ``"monolithic"`` writes the per-section files into
+    ``<workdir>/yahoo-governor/`` and pulls them in with ``.include``, the way an
+    admin's own exim4.conf would. ``base`` supplies the lab's own sections: its
+    routers (a non-governed route to the sink) come after the governor's.
+    """
+
+    setup: "EximSetup"
+    base: EximConfig = field(default_factory=EximConfig)
+    layout: str = "split"
+
+    def __call__(self, inst: "EximInstance") -> str:
+        return self.render(inst)
+
+    def render(self, inst: "EximInstance") -> str:
+        from governor.exim_setup import assemble, render, write_files
+
+        files = render(self.setup, self.layout)
+        if self.layout == "monolithic":
+            paths = write_files(files, inst._dir() / "yahoo-governor")
+            files = {p.name: f".include {p}\n" for p in paths}
+        return assemble(files, self.base.sections(inst))
 
 
 def governor_router(socket_path: str | Path, *, name: str = "gov_acquire", request: str | None = None,
@@ -232,49 +296,6 @@ ConfigSource = str | Callable[["EximInstance"], str] | None
 
 # ---------------------------------------------------------------------------
 # queue listing
-
-
-@dataclass
-class QueuedMessage:
-    """One entry of ``exim -bp``."""
-
-    id: str
-    sender: str
-    age: str
-    size: str
-    frozen: bool
-    recipients: list[str] = field(default_factory=list)  # still undelivered
-    delivered: list[str] = field(default_factory=list)
-
-
-_BP_HEAD = re.compile(
-    r"^\s*(?P<age>\d+[smhdw])\s+(?P<size>\S+)\s+(?P<id>[0-9A-Za-z]{6}-[0-9A-Za-z]{4,11}-[0-9A-Za-z]{2,4})"
-    r"\s+<(?P<sender>[^>]*)>(?P<rest>.*)$"
-)
-
-
-def parse_bp(text: str) -> list[QueuedMessage]:
-    """Parse ``exim -bp`` output: a header line per message, then indented recipients
-    (``D`` marks a delivered one), then a blank line."""
-    out: list[QueuedMessage] = []
-    for line in text.splitlines():
-        m = _BP_HEAD.match(line)
-        if m:
-            out.append(QueuedMessage(
-                id=m["id"], sender=m["sender"], age=m["age"], size=m["size"],
-                frozen="*** frozen ***" in m["rest"],
-            ))
-            continue
-        rcpt = line.strip()
-        if not rcpt or not out:
-            continue
-        if rcpt.startswith("D "):
-            out[-1].delivered.append(rcpt[2:].strip())
-        elif rcpt.startswith("+D "):
-            out[-1].delivered.append(rcpt[3:].strip())
-        else:
-            out[-1].recipients.append(rcpt)
-    return out
 
 
 @dataclass

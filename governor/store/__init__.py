@@ -24,18 +24,27 @@ per-IP script touches exactly one slot)::
     <p>:{<ip>}:defer    ZSET  deferrals (us), trimmed to complaints.window
     <p>:{<ip>}:compl    ZSET  complaint signals (us), trimmed to complaints.window
     <p>:{<ip>}:holds    HASH  "<mta>/<queue id>" -> JSON hold record
+    <p>:{<ip>}:assigned ZSET  Postfix recipient -> when assign() routed it to this IP (us),
+                              trimmed to holds.queue_lifetime on write, newest 100000 kept
     <p>:audit           STREAM every automatic and admin action (MAXLEN ~ audit_maxlen)
     <p>:holdidx         HASH  "<mta>/<queue id>" -> ip (find a hold without its IP)
     <p>:provider        HASH  provider pause (pu/pr/ps), for status; hot path never reads it
+    <p>:assign:rr       STRING round-robin counter of assign() (INCR), shared by every daemon
 
 Lease ids are ``<ip>|<16 hex>[|<holder>]`` so release() finds the IP's key with
 no lookup. Everything that reaches a key name is validated first (keys.py).
+
+``assign()`` (Postfix's transport map) is one script over the pool (assign.lua): IPs
+that are not held, cooling or provider-paused offer ``active_slots(slot_plan(...),
+ramp factor)`` slots each, and the shared counter walks them slot-major so every
+offered slot gets an equal share. ``AsyncStore.connect()`` runs its round trips on
+a Lane (lane.py): one auto-pipelined connection, for the socket daemon's hot path.
 """
 from __future__ import annotations
 
 from governor.store.aio import AsyncStore
 from governor.store.keys import IpKeys, KeyScheme
-from governor.store.model import AuditEntry, Decision, Hold, IpStatus
+from governor.store.model import Assignment, AuditEntry, Decision, Hold, IpStatus
 from governor.store.sync import Store
 
-__all__ = ["AsyncStore", "AuditEntry", "Decision", "Hold", "IpKeys", "IpStatus", "KeyScheme", "Store"]
+__all__ = ["Assignment", "AsyncStore", "AuditEntry", "Decision", "Hold", "IpKeys", "IpStatus", "KeyScheme", "Store"]

@@ -1,34 +1,46 @@
-"""AsyncStore: the asyncio twin of Store (redis.asyncio), for the socket daemon.
+"""AsyncStore: the asyncio twin of Store, for the socket daemon.
 
 Same surface, same scripts, same plans (governor.store.plans); only the way a
-round trip is awaited differs.
+round trip is awaited differs. ``AsyncStore.connect()`` runs every round trip on a
+:class:`~governor.store.lane.Lane` (one auto-pipelined connection; see lane.py for
+why); ``AsyncStore(client, config)`` runs them on the given redis.asyncio client.
 """
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from governor.store import scripts
 from governor.store.connection import async_client, reject_cluster
-from governor.store.model import AuditEntry, Decision, Hold, IpStatus
+from governor.store.lane import Lane
+from governor.store.model import Assignment, AuditEntry, Decision, Hold, IpStatus
 from governor.store.plans import Call, Plan, Planner, T, redis_time
 
 
 class AsyncStore:
     """See Store; every method is a coroutine."""
 
-    def __init__(self, client: Any, config: Any, *, pick: str = "script") -> None:
+    def __init__(self, client: Any, config: Any, *, pick: str = "script", lane: Lane | None = None) -> None:
         reject_cluster(client)
         self.client = client
         self.config = config
         self.plans = Planner(config, pick=pick)
         self._scripts = scripts.register(client)
+        self.lane = lane
 
     @classmethod
-    def connect(cls, config: Any, **kwargs: Any) -> AsyncStore:
-        """An AsyncStore on ``config.redis``; connections open lazily inside the event loop."""
-        return cls(async_client(config), config, **kwargs)
+    def connect(cls, config: Any, *, pipelined: bool = True, **kwargs: Any) -> AsyncStore:
+        """An AsyncStore on ``config.redis``; connections open lazily inside the event loop.
+
+        ``pipelined`` (default): round trips go through one auto-pipelined Lane;
+        False: through redis.asyncio's connection pool.
+        """
+        lane = Lane.from_config(config) if pipelined else None
+        return cls(async_client(config), config, lane=lane, **kwargs)
 
     async def aclose(self) -> None:
+        if self.lane is not None:
+            await self.lane.aclose()
         await self.client.aclose()
 
     async def __aenter__(self) -> AsyncStore:
@@ -39,6 +51,11 @@ class AsyncStore:
 
     # ------------------------------------------------------------------ plumbing
     async def _call(self, call: Call) -> Any:
+        lane = self.lane
+        if lane is not None:
+            if call.script is None:
+                return await lane.execute(*call.command)
+            return await lane.script(scripts.script_text(call.script), call.keys, call.args)
         if call.script is None:
             return await self.client.execute_command(*call.command)
         return await self._scripts[call.script](keys=call.keys, args=call.args)
@@ -46,6 +63,8 @@ class AsyncStore:
     async def _execute(self, calls: list[Call]) -> list[Any]:
         if len(calls) == 1:
             return [await self._call(calls[0])]
+        if self.lane is not None:  # issued in one loop turn: the Lane pipelines them
+            return list(await asyncio.gather(*(self._call(c) for c in calls)))
         pipe = self.client.pipeline(transaction=False)
         for call in calls:
             if call.script is None:
@@ -64,7 +83,7 @@ class AsyncStore:
 
     # ------------------------------------------------------------------ hot path
     async def now(self) -> float:
-        return redis_time(await self.client.time())
+        return redis_time(await self._call(Call(None, command=("TIME",))))
 
     async def acquire(self, ip: str | None = None, provider: str = "yahoo", *, holder: str = "") -> Decision:
         if ip is None and self.plans.sequential:
@@ -72,14 +91,23 @@ class AsyncStore:
         call, ctx = self.plans.acquire_call(ip, provider, holder)
         if call is None:
             return self.plans.parse_acquire(ctx, None)
-        return self.plans.parse_acquire(ctx, await self._scripts["acquire"](keys=call.keys, args=call.args))
+        return self.plans.parse_acquire(ctx, await self._call(call))
 
     async def release_at(self, lease: str) -> float | None:
-        call = self.plans.release_call(lease)
-        return self.plans.parse_release(await self._scripts["release"](keys=call.keys, args=call.args))
+        return self.plans.parse_release(await self._call(self.plans.release_call(lease)))
 
     async def release(self, lease: str) -> bool:
         return await self.release_at(lease) is not None
+
+    # ------------------------------------------------------------------ Postfix routing
+    async def assign(self, recipient: str | None = None, *, probe: bool = False) -> Assignment:
+        return await self._run(self.plans.assign(recipient, probe))
+
+    async def assignments(self, ip: str) -> dict[str, float]:
+        return await self._run(self.plans.assignments(ip))
+
+    async def assigned_ip(self, recipients: list[str]) -> dict[str, str]:
+        return await self._run(self.plans.assigned_ip(recipients))
 
     # ------------------------------------------------------------------ feedback
     async def record(self, ip: str, event: Any, recipient: str | None = None, domain: str | None = None, *,

@@ -18,6 +18,10 @@ _HOLDER_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,48}")
 _TOKEN_RE = re.compile(r"[0-9a-f]{16}")
 _DOMAIN_RE = re.compile(r"(?=.{1,253}$)([a-z0-9_]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z][a-z0-9-]{0,62}\.?")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# a recipient as MTAs hand it over (Postfix keeps case and +extension): no whitespace,
+# control characters or braces (the Cluster hash-tag syntax), one "@" with both sides set
+_RECIPIENT_RE = re.compile(r"[^\s\x00-\x1f\x7f{}]{1,200}@[^\s\x00-\x1f\x7f{}@]{1,253}")
+RECIPIENT_MAX = 254
 PROVIDERS = ("yahoo",)
 REPLY_MAX_BYTES = 512
 TEXT_MAX_CHARS = 200
@@ -78,6 +82,16 @@ def valid_domain(value: object) -> str:
     return value.lower().rstrip(".")
 
 
+def valid_recipient(value: object) -> str:
+    """A recipient address ``local@domain``: at most 254 characters (RFC 5321's path
+    limit), no whitespace, control characters or braces. Kept as given (case, extension):
+    it is a ZSET member that an MTA's queue listing is matched against, never a key."""
+    if not isinstance(value, str) or len(value) > RECIPIENT_MAX or not _RECIPIENT_RE.fullmatch(value):
+        raise ValueError(f"not a recipient (local@domain, at most {RECIPIENT_MAX} characters, no spaces, "
+                         f"control characters or braces): {_shown(value)}")
+    return value
+
+
 def valid_text(value: object, what: str = "reason", limit: int = TEXT_MAX_CHARS) -> str:
     """Operator free text (reason, who): printable, one line, bounded."""
     if not isinstance(value, str) or len(value) > limit or _CONTROL_RE.search(value):
@@ -134,6 +148,7 @@ class IpKeys:
     defer: str
     compl: str
     holds: str
+    assigned: str
 
     @property
     def acquire(self) -> tuple[str, str]:
@@ -158,9 +173,11 @@ class KeyScheme:
         self.audit = f"{prefix}:audit"
         self.provider = f"{prefix}:provider"
         self.hold_index = f"{prefix}:holdidx"
+        self.assign_rr = f"{prefix}:assign:rr"
 
     @lru_cache(maxsize=4096)  # noqa: B019 - one scheme per store, bounded
     def ip(self, ip: str) -> IpKeys:
         """Keys of an IP that valid_ip() already normalised."""
         base = f"{self.prefix}:{{{ip}}}:"
-        return IpKeys(*(base + n for n in ("leases", "state", "pauses", "defer", "compl", "holds")))
+        return IpKeys(*(base + n for n in ("leases", "state", "pauses", "defer", "compl", "holds",
+                                                       "assigned")))

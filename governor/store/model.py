@@ -27,6 +27,29 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class Assignment:
+    """The answer to one assign(): which slot transport a Postfix recipient takes.
+
+    Granted: ``ip``, ``slot`` (1-based) and ``transport`` (``<egress name>-s<slot>``,
+    governor.transports.slot_transport). Denied (no IP may send): ``reason`` as for
+    Decision ("cooldown:<code>", "provider-paused", "held:<code>", "no-ip"), ``ip`` the
+    IP whose cooldown ends first (None when every IP is held) and ``retry_after`` when
+    that is (nominal for held IPs). ``offered`` is the number of slots the pool offers
+    now; ``monitor`` is True when mode=monitor turned a denial into an assignment.
+    """
+
+    granted: bool
+    ip: str | None
+    slot: int
+    transport: str | None
+    retry_after: float
+    reason: str
+    monitor: bool = False
+    now: float = 0.0
+    offered: int = 0
+
+
+@dataclass(frozen=True)
 class Hold:
     """One message an MTA parked in its hold queue because its IP may not send.
 

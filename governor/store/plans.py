@@ -22,12 +22,16 @@ from typing import Any, TypeVar
 
 from governor.store.keys import (
     IpKeys, KeyScheme, parse_lease, reply_text, valid_domain, valid_holder, valid_ip, valid_mta,
-    valid_provider, valid_queue_id, valid_seconds, valid_text,
+    valid_provider, valid_queue_id, valid_recipient, valid_seconds, valid_text,
 )
-from governor.store.model import AuditEntry, Decision, Hold, IpStatus
+from governor.store.model import Assignment, AuditEntry, Decision, Hold, IpStatus
+from governor.transports import SlotPlan, active_slots, slot_plan, slot_transport
 
 US = 1_000_000
 DAY = 86400.0
+ASSIGNED_MAX = 100_000       # recipients kept per IP in <p>:{<ip>}:assigned (newest win)
+LOOKUP_MAX = 10_000          # recipients per assigned_ip() call
+_ASSIGN_FIELDS = ("hd", "hr", "cu", "cr", "pu", "pr", "f0", "fs", "fr")
 T = TypeVar("T")
 
 
@@ -67,6 +71,7 @@ class _IpPlan:
     per_connection: int
     messages_per_minute: float
     warm: tuple[Any, ...]         # warm init, doubling days, start day (for status)
+    slots: int                    # Postfix slot transports of this IP (governor.transports.slot_plan)
 
 
 class Planner:
@@ -87,6 +92,11 @@ class Planner:
         self._pool_keys = tuple(k for ip in self.pool for k in self.ip(ip).keys.acquire)
         self._pool_limits = tuple(a for ip in self.pool for a in self.ip(ip).limits)
         self._rr = itertools.count(int.from_bytes(os.urandom(2), "big"))
+        self.names = {valid_ip(e.ip): e.name for e in config.pool}
+        self._assign_keys = (*(k for ip in self.pool for k in (self.ip(ip).keys.state, self.ip(ip).keys.assigned)),
+                             self.keys.assign_rr)
+        self._assign_args = (self.monitor, _us(config.holds.queue_lifetime), ASSIGNED_MAX, self.hold_retry_us)
+        self._pool_slots = tuple(self.ip(ip).slots for ip in self.pool)
 
     # ------------------------------------------------------------------ per-IP constants
     def ip(self, ip: str) -> _IpPlan:
@@ -109,7 +119,8 @@ class Planner:
             warm = (int(cfg.warmup.initial_per_day), repr(float(cfg.warmup.double_every_days)),
                     self._start_day(egress.warmup_start))
         limits = (int(lim.concurrency), interval, int(lim.burst), _us(lim.lease_ttl), *warm)
-        return _IpPlan(ip, self.keys.ip(ip), limits, int(lim.messages_per_connection), mpm, warm)
+        slots = slot_plan(int(lim.concurrency), mpm).slots if interval else int(lim.concurrency)
+        return _IpPlan(ip, self.keys.ip(ip), limits, int(lim.messages_per_connection), mpm, warm, slots)
 
     def _start_day(self, start: dt.date | None) -> int:
         """Warm-up day index of a start date (-1: count from the IP's first grant).
@@ -190,6 +201,97 @@ class Planner:
         """Redis time of the release, or None if it was already released/expired."""
         ok, now_us = raw
         return int(now_us) / US if int(ok) else None
+
+    # ------------------------------------------------------------------ assign (Postfix)
+    def assign(self, recipient: str | None, probe: bool = False) -> Plan[Assignment]:
+        """Pick the next offered (IP, slot) for a Postfix recipient, in one script over the
+        pool (assign.lua); record ``recipient -> now`` on the chosen IP (None: record
+        nothing). ``probe``: only say whether any IP may send now, and if not why."""
+        rcpt = valid_recipient(recipient) if recipient is not None else ""
+        if not self.pool:
+            return self._assignment(0, "no-ip", self.hold_retry_us, 0, 0, 0, 0, 0)
+        if self.sequential:
+            return (yield from self._assign_sequential(rcpt, probe))
+        mode, monitor = "probe" if probe else "assign", self._assign_args[0]
+        call = Call("assign", self._assign_keys, (mode, monitor, rcpt, *self._assign_args[1:], *self._pool_slots))
+        (raw,) = yield [call]
+        return self._assignment(*raw)
+
+    def _assignment(self, granted: Any, reason: Any, retry_us: Any, now_us: Any, mon: Any, idx: Any, slot: Any,
+                    total: Any) -> Assignment:
+        idx, slot = int(idx), int(slot)
+        ip = self.pool[idx - 1] if idx else None
+        return Assignment(
+            granted=bool(int(granted)), ip=ip, slot=slot,
+            transport=slot_transport(self.names[ip], slot) if ip is not None and slot else None,
+            retry_after=int(retry_us) / US, reason=s(reason), monitor=bool(int(mon)), now=int(now_us) / US,
+            offered=int(total),
+        )
+
+    def _assign_sequential(self, rcpt: str, probe: bool) -> Plan[Assignment]:
+        """Redis Cluster fallback of assign.lua: the same evaluation client-side, with
+        single-slot commands (state reads, then INCR, then the record); not atomic, so two
+        concurrent callers may see slightly different offers, which only skews the spread."""
+        raws = yield [Call(None, command=("TIME",))] + [
+            Call(None, command=("HMGET", self.ip(ip).keys.state, *_ASSIGN_FIELDS)) for ip in self.pool]
+        now = round(redis_time(raws[0]) * US)
+        offered, first, first_free, first_reason, held = [], 0, math.inf, "", ""
+        for i, (ip, row) in enumerate(zip(self.pool, raws[1:]), 1):
+            hd, hr, cu, cr, pu, _, f0, fs, fr = row
+            cu, pu = int(cu or 0), int(pu or 0)
+            if hd:
+                held = held or f"held:{s(hr or '')}"
+            elif cu > now or pu > now:
+                reason, until = (f"cooldown:{s(cr or '')}", cu) if cu >= pu else ("provider-paused", pu)
+                if until < first_free:
+                    first, first_free, first_reason = i, until, reason
+            offered.append(0 if hd or cu > now or pu > now else _offer(self.ip(ip).slots, f0, fs, fr, now))
+        reason, retry, mon = "ok", 0, 0
+        if not any(offered):
+            reason, retry = (first_reason, first_free - now) if first else (held or "no-ip", self.hold_retry_us)
+            if probe or self.monitor != "1":
+                return self._assignment(0, reason, retry, now, 0, first, 0, 0)
+            mon, offered = 1, list(self._pool_slots)
+        if probe:
+            return self._assignment(1, reason, retry, now, mon, 0, 0, sum(offered))
+        (count,) = yield [Call(None, command=("INCR", self.keys.assign_rr))]
+        idx, slot = _slot_at(offered, (int(count) - 1) % sum(offered))
+        if rcpt:
+            yield self._record_assignment(self.ip(self.pool[idx - 1]).keys.assigned, rcpt, now)
+        return self._assignment(1, reason, retry, now, mon, idx, slot, sum(offered))
+
+    def _record_assignment(self, key: str, rcpt: str, now: int) -> list[Call]:
+        keep = _us(self.config.holds.queue_lifetime)
+        return [Call(None, command=("ZADD", key, now, rcpt)),
+                Call(None, command=("ZREMRANGEBYSCORE", key, "-inf", f"({now - keep}")),
+                Call(None, command=("ZREMRANGEBYRANK", key, 0, -(ASSIGNED_MAX + 1))),
+                Call(None, command=("PEXPIRE", key, math.ceil(keep / 1000)))]
+
+    def assignments(self, ip: str) -> Plan[dict[str, float]]:
+        """recipient -> when it was assigned to ``ip`` (Redis time), within holds.queue_lifetime."""
+        key = self.ip(valid_ip(ip)).keys.assigned
+        now_raw, raw = yield [Call(None, command=("TIME",)),
+                              Call(None, command=("ZRANGE", key, 0, -1, "WITHSCORES"))]
+        oldest = redis_time(now_raw) - self.config.holds.queue_lifetime
+        pairs = raw if raw and isinstance(raw[0], (list, tuple)) else zip(raw[::2], raw[1::2])
+        return {s(m): float(sc) / US for m, sc in pairs if float(sc) / US > oldest}
+
+    def assigned_ip(self, recipients: Sequence[str]) -> Plan[dict[str, str]]:
+        """recipient -> the IP it was last assigned to (recipients never assigned are left out):
+        how the Postfix queue agent finds queued mail routed to an IP that is now cooling."""
+        rcpts = list(dict.fromkeys(valid_recipient(r) for r in recipients))
+        if len(rcpts) > LOOKUP_MAX:
+            raise ValueError(f"at most {LOOKUP_MAX} recipients per lookup, got {len(rcpts)}")
+        ips = list(dict.fromkeys(valid_ip(e.ip) for e in self.config.pool))
+        if not rcpts or not ips:
+            return {}
+        raws = yield [Call(None, command=("ZMSCORE", self.ip(ip).keys.assigned, *rcpts)) for ip in ips]
+        best: dict[str, tuple[float, str]] = {}
+        for ip, scores in zip(ips, raws):
+            for rcpt, score in zip(rcpts, scores):
+                if score is not None and float(score) > best.get(rcpt, (-1.0, ""))[0]:
+                    best[rcpt] = (float(score), ip)
+        return {rcpt: ip for rcpt, (_, ip) in best.items()}
 
     # ------------------------------------------------------------------ state / record
     def state_call(self, ip: str) -> Call:
@@ -414,6 +516,33 @@ def _action_args(a: Any) -> list[Any]:
         raise ValueError(f"action per_connection: value must be >= 1, got {a.value!r}")
     reason = reply_text(a.reason)[:64]
     return [a.kind, _us(seconds), repr(min(max(factor, 1e-6), 1.0)), int(a.level), int(a.value), reason]
+
+
+def _factor_at(f0: Any, fs: Any, fr: Any, t: int) -> float:
+    """lib.lua ``factor_at`` (the ramp), for the Cluster fallback that reads state client-side."""
+    if f0 is None:
+        return 1.0
+    f0, fs, fr = float(f0), int(fs or 0), int(fr or 0)
+    if t < fs:
+        return f0
+    if fr <= 0 or t >= fs + fr:
+        return 1.0
+    return f0 + (1.0 - f0) * (t - fs) / fr
+
+
+def _offer(slots: int, f0: Any, fs: Any, fr: Any, now: int) -> int:
+    return active_slots(SlotPlan(slots, 1), _factor_at(f0, fs, fr, now))
+
+
+def _slot_at(offered: Sequence[int], left: int) -> tuple[int, int]:
+    """The (1-based IP index, slot) at position ``left`` of the slot-major order (assign.lua)."""
+    for j in range(1, max(offered) + 1):
+        for i, k in enumerate(offered, 1):
+            if k >= j:
+                if left == 0:
+                    return i, j
+                left -= 1
+    raise ValueError("position beyond the offered slots")  # pragma: no cover - left < sum(offered)
 
 
 def redis_time(raw: Any) -> float:

@@ -11,7 +11,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-SCRIPT_NAMES = ("acquire", "release", "state", "apply", "admin", "status")
+SCRIPT_NAMES = ("acquire", "release", "state", "apply", "admin", "status", "assign")
 _STANDALONE = frozenset({"release"})
 
 

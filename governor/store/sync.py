@@ -7,7 +7,7 @@ from typing import Any
 
 from governor.store import scripts
 from governor.store.connection import reject_cluster, sync_client
-from governor.store.model import AuditEntry, Decision, Hold, IpStatus
+from governor.store.model import Assignment, AuditEntry, Decision, Hold, IpStatus
 from governor.store.plans import Call, Plan, Planner, T, redis_time
 
 _fork_generation = 0
@@ -117,6 +117,22 @@ class Store:
     def release(self, lease: str) -> bool:
         """Idempotent; False if the lease was already released or had expired."""
         return self.release_at(lease) is not None
+
+    # ------------------------------------------------------------------ Postfix routing
+    def assign(self, recipient: str | None = None, *, probe: bool = False) -> Assignment:
+        """The slot transport for one Postfix recipient: the next of the slots the pool
+        offers now (held, cooling and paused IPs offer none, ramping IPs fewer), recorded
+        under the chosen IP; a denial when no IP may send. ``recipient=None`` records
+        nothing; ``probe=True`` only answers whether (and why not) any IP may send."""
+        return self._run(self.plans.assign(recipient, probe))
+
+    def assignments(self, ip: str) -> dict[str, float]:
+        """recipient -> Redis time it was assigned to ``ip`` (within holds.queue_lifetime)."""
+        return self._run(self.plans.assignments(ip))
+
+    def assigned_ip(self, recipients: list[str]) -> dict[str, str]:
+        """recipient -> the IP it was last assigned to; unknown recipients are left out."""
+        return self._run(self.plans.assigned_ip(recipients))
 
     # ------------------------------------------------------------------ feedback
     def record(self, ip: str, event: Any, recipient: str | None = None, domain: str | None = None, *,
