@@ -38,13 +38,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from governor import __version__, logsetup
+from governor import __version__, logsetup, metrics
 from governor.adapters import Runtime
 from governor.adapters.exim_socket import EximHandler, EximListener
 from governor.adapters.socketmap import Connection, SocketmapConnection, SocketmapHandler, SocketmapListener
 from governor.config import Config
 from governor.logsetup import kv
-from governor.store import AsyncStore
+from governor.store import AsyncStore, Store
 
 SHUTDOWN_GRACE = 5.0
 BACKLOG = 1024
@@ -177,6 +177,7 @@ class Daemon:
             self._stop_listeners()
             self._remove_socket_files()
             raise
+        self._serve_metrics()
         self.log.log(logsetup.NOTICE, kv(
             event="start", version=__version__, exim=exim, socketmap=smap, mode=cfg.mode,
             redis_down=cfg.redis_down, pool=len(self.rt.enabled_ips), config=cfg.source))
@@ -203,6 +204,20 @@ class Daemon:
         else:
             server = await loop.create_unix_server(factory, sock=self._bind(spec.path, uid, gid), backlog=BACKLOG)
         self.listeners.append(SocketmapListener(server, live))
+
+    def _serve_metrics(self) -> None:
+        """Prometheus /metrics on metrics.listen; per-IP gauges come from a blocking Store
+        (scrapes run in the exporter's own thread, never on the event loop)."""
+        listen = self.config.metrics.listen
+        if listen is None:
+            return
+        try:
+            port = metrics.serve(listen, Store.connect(self.config).status)
+        except OSError as exc:
+            self.log.warning(kv(event="metrics-unavailable", listen=listen, error=exc.strerror or str(exc)))
+            return
+        if port is not None:
+            self.log.info(kv(event="metrics", listen=f"{listen.rpartition(':')[0]}:{port}"))
 
     async def _probe_redis(self) -> None:
         """Tell the operator at once when Redis is not there (the daemon serves anyway)."""

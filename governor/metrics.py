@@ -59,6 +59,11 @@ def reply_code_label(code: str | None, success: bool) -> str:
     return code if code else "other"
 
 
+def reason_label(reason: str) -> str:
+    """Bounded label for a decision reason ("ok", "rate", "cooldown:TSS04", ...)."""
+    return reason[:40] if reason else "unknown"
+
+
 class StoreCollector(Collector):
     """Per-IP gauges read from the store at scrape time (cached briefly)."""
 
@@ -67,6 +72,11 @@ class StoreCollector(Collector):
         self._ttl = ttl
         self._lock = threading.Lock()
         self._cached: tuple[float, list[Any]] = (0.0, [])
+
+    def use(self, status: Callable[[], Iterable[Any]]) -> None:
+        with self._lock:
+            self._status = status
+            self._cached = (0.0, [])
 
     def _rows(self) -> list[Any]:
         with self._lock:
@@ -119,6 +129,7 @@ class StoreCollector(Collector):
 
 
 _collector: StoreCollector | None = None
+_port: int | None = None
 
 
 def serve(listen: str | None, status: Callable[[], Iterable[Any]] | None = None) -> int | None:
@@ -127,12 +138,18 @@ def serve(listen: str | None, status: Callable[[], Iterable[Any]] | None = None)
     Returns the bound port, or None when ``listen`` is None (metrics disabled).
     ``status`` (e.g. ``Store.status``) feeds the per-IP gauges.
     """
-    global _collector
+    global _collector, _port
     if listen is None:
         return None
+    if status is not None:
+        if _collector is None:
+            _collector = StoreCollector(status)
+            REGISTRY.register(_collector)
+        else:  # the latest store wins (one collector per process)
+            _collector.use(status)
+    if _port is not None:  # one exporter per process (the daemon, the milter)
+        return _port
     host, _, port = listen.rpartition(":")
-    if status is not None and _collector is None:
-        _collector = StoreCollector(status)
-        REGISTRY.register(_collector)
     server, _thread = start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=REGISTRY)
-    return server.server_address[1]
+    _port = server.server_address[1]
+    return _port

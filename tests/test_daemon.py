@@ -284,3 +284,38 @@ def test_log_setup_falls_back_to_stderr_without_syslog(capsys: Any, monkeypatch:
     err = capsys.readouterr().err
     assert re.search(r"gx-test\[\d+\]: NOTICE event=start", err) and "hidden" not in err
     assert logsetup.LEVELS["notice"] == logsetup.NOTICE and logging.getLevelName(logsetup.NOTICE) == "NOTICE"
+
+
+def test_metrics_endpoint_counts_decisions_and_feedback(redis_url: str, sockdir: str, tmp_path: Path) -> None:
+    """A scrape of the daemon's /metrics shows the counters moving and the store's gauges."""
+    import urllib.request
+
+    from governor.redisproc import free_port
+
+    port = free_port()
+    cfg_path = tmp_path / "governor.yaml"
+    cfg_path.write_text(config_text(redis_url, sockdir) + f"metrics: {{listen: '127.0.0.1:{port}'}}\n")
+    proc = start_serving(cfg_path, sockdir)
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            return resp.read().decode()
+
+    def count(text: str, prefix: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+
+    try:
+        before = scrape()
+        ip = ask(f"{sockdir}/exim.sock", "acquire yahoo.com auto - -").split("ip=")[1].split()[0]
+        ask(f"{sockdir}/exim.sock", f"report {ip} yahoo.com msg:defer - - SMTP error from remote mail server "
+            f"after MAIL FROM:<a@b.example>: 421 4.7.0 [TSS04] Messages from {ip} temporarily deferred")
+        time.sleep(1.2)  # past the per-IP gauges' one-second cache
+        after = scrape()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=15)
+    assert count(after, 'governor_decisions_total{reason="ok",result="granted"}') == \
+        count(before, 'governor_decisions_total{reason="ok",result="granted"}') + 1
+    assert count(after, f'governor_replies_total{{code="TSS04",ip="{ip}"}}') == 1
+    assert count(after, 'governor_actions_total{kind="pause"}') == 1
+    assert f'governor_cooldown_active{{ip="{ip}",reason="TSS04"}} 1.0' in after

@@ -20,6 +20,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
+from governor import metrics
 from governor.config import Config, EgressIP
 from governor.domains import DomainSet
 from governor.logsetup import kv
@@ -105,6 +106,7 @@ class Runtime:
     def store_failed(self, exc: BaseException, what: str) -> None:
         """The store could not answer: count it, log it (rate-limited) with the fail mode."""
         self.stats["store_errors"] += 1
+        metrics.REDIS_ERRORS.inc()
         now = time.monotonic()
         if self._down_since is None:
             self._down_since = now

@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from governor import metrics
 from governor.adapters import READ_TIMEOUT, Runtime, feedback
 from governor.domains import InvalidDomain, normalise_domain
 from governor.logsetup import kv
@@ -282,6 +283,7 @@ class EximHandler:
             self.rt.store_failed(exc, "acquire")
             return self._acquire_unavailable(req)
         self.rt.store_ok()
+        metrics.DECISIONS.labels("granted" if d.granted else "denied", metrics.reason_label(d.reason)).inc()
         if self.debug:
             self.rt.log.debug(kv(event="acquire", domain=req.domain, msg=req.msgid, rcpt=req.rcpt, ip=d.ip,
                                  result="ok" if d.granted else "defer", reason=d.reason,
@@ -314,8 +316,10 @@ class EximHandler:
             egress = self.rt.by_ip[req.ip] if req.ip is not None else self.rt.next_open_egress()
             if egress is not None:
                 self.rt.stats["failopen"] += 1
+                metrics.DECISIONS.labels("failopen", "redis-down").inc()
                 return (f"OK governed=yes ip={valid_ip(egress.ip)} transport={exim_transport(egress.name)} lease=- "
                         f"per_connection={self.per_connection} failopen=yes")
+        metrics.DECISIONS.labels("denied", "redis-down").inc()
         return f"DEFER retry={UNAVAILABLE_RETRY} reason=governor-unavailable"
 
     async def _release_quietly(self, lease: str) -> None:

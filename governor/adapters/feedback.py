@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from governor import metrics
 from governor.classify import Classification, classify
 from governor.logsetup import kv
 
@@ -60,6 +61,9 @@ def record_sync(store: Any, ip: str, c: Classification, log: logging.Logger, *, 
 def _done(log: logging.Logger, ip: str, c: Classification, actions: list[Any], mta: str, domain: str | None,
           recipient: str | None, queue_id: str | None, event: str | None) -> Feedback:
     fb = Feedback(c.code or c.cls, tuple(a.kind for a in actions), True)
+    metrics.FEEDBACK.labels(ip, metrics.reply_code_label(c.code or c.cls, c.success)).inc()
+    for kind in fb.actions:
+        metrics.ACTIONS.labels(kind).inc()
     log_event(log, ip, c, fb, mta=mta, domain=domain, recipient=recipient, queue_id=queue_id, event=event)
     return fb
 

@@ -30,6 +30,7 @@ import re
 from collections.abc import Awaitable
 from typing import Any
 
+from governor import metrics
 from governor.adapters import READ_TIMEOUT, Runtime, feedback
 from governor.config import EgressIP
 from governor.domains import domain_of
@@ -137,6 +138,7 @@ class SocketmapHandler:
             self.rt.store_failed(exc, "assign")
             return self._unavailable()
         self.rt.store_ok()
+        metrics.DECISIONS.labels("granted" if a.granted else "denied", metrics.reason_label(a.reason)).inc()
         if self.debug:
             self.rt.log.debug(kv(event="assign", rcpt=key, ip=a.ip, transport=a.transport,
                                  result="ok" if a.granted else "retry", reason=a.reason))
@@ -149,6 +151,7 @@ class SocketmapHandler:
             slot = self.rt.next_open_slot()
             if slot is not None:
                 self.rt.stats["failopen"] += 1
+                metrics.DECISIONS.labels("failopen", "redis-down").inc()
                 return f"OK {slot}:{self.nexthop}"
         return self.unavailable
 
