@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import governor.cli.exim_cmds  # noqa: F401  (registers exim-config until governor/cli/__init__ lists it)
 from governor.cli import main
 from governor.config import load_config_text
 from governor.exim_setup import (

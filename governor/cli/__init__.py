@@ -46,6 +46,7 @@ _COMMAND_MODULES = (
     "governor.cli.report_cmd",
     "governor.cli.exim_cmds",
     "governor.cli.serve_cmd",
+    "governor.cli.postfix_cmds",
 )
 
 for _name in _COMMAND_MODULES:

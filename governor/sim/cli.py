@@ -96,12 +96,15 @@ PENALTY AND ESCALATION
 \b
 CONTROL PROTOCOL (--control; one command per line, one JSON line back)
   ping | stats | summary | settings | reset | reset-ip IP | set KEY VALUE
-  cold IP | warm IP | block IP | unblock IP | dump PATH | help | quit
+  cold IP | warm IP | block IP | unblock IP | limit IP KEY VALUE | unlimit IP
+  dump PATH | help | quit
   "stats" has everything incl. accept timestamps; "summary" omits them.
   "reset" forgets all counters and standings (settings, cold and blocked
   lists stay); "reset-ip" releases one IP (penalty, violations, TS02/TS03)
   and keeps its counters. "set" changes a limit at run time, e.g.
-  "set max_rate 300". Example: echo summary | nc -U /run/sim.sock
+  "set max_rate 300"; "limit IP max_rate 10" gives one IP its own
+  max_conn, max_rate or max_per_conn ("unlimit IP" drops them).
+  Example: echo summary | nc -U /run/sim.sock
 
 \b
 STATS (JSON; per IP under "ips", summed under "total", sink under "sink")

@@ -16,6 +16,8 @@ Commands (IP arguments accept IPv4 and IPv6)::
     set KEY VALUE        → change a limit at run time (see RUNTIME_KEYS)
     cold IP | warm IP    → add IP to / remove it from the cold-IP list
     block IP | unblock IP→ TS03 at connect for IP / lift that
+    limit IP KEY VALUE   → per-IP max_conn, max_rate or max_per_conn for IP
+    unlimit IP           → drop IP's own limits (the global settings apply again)
     dump PATH            → write the full stats JSON to PATH
     help                 → the list of commands
     quit                 → close this control connection
@@ -32,7 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from governor.sim.settings import RUNTIME_KEYS, Endpoint, SettingsError, normalize_ip
+from governor.sim.settings import RUNTIME_KEYS, Endpoint, SettingsError, coerce, normalize_ip
+from governor.sim.state import IP_LIMIT_KEYS
 
 if TYPE_CHECKING:
     from governor.sim.server import Simulator
@@ -40,7 +43,8 @@ if TYPE_CHECKING:
 MAX_LINE = 65536
 
 COMMANDS = ("ping", "stats", "summary", "settings", "reset", "reset-ip IP", "set KEY VALUE",
-            "cold IP", "warm IP", "block IP", "unblock IP", "dump PATH", "help", "quit")
+            "cold IP", "warm IP", "block IP", "unblock IP", "limit IP KEY VALUE", "unlimit IP",
+            "dump PATH", "help", "quit")
 
 
 class ControlError(ValueError):
@@ -122,6 +126,24 @@ def _set(sim: Simulator, rest: str) -> dict[str, Any]:
     return {"settings": sim.settings.as_dict()}
 
 
+def _limit(sim: Simulator, rest: str) -> dict[str, Any]:
+    parts = rest.split()
+    if len(parts) != 3:
+        raise ControlError("usage: limit IP KEY VALUE (KEY: max_conn, max_rate or max_per_conn)")
+    ip, key = normalize_ip(parts[0]), parts[1].lower().replace("-", "_")
+    if key not in IP_LIMIT_KEYS:
+        raise ControlError(f"cannot limit {parts[1]!r} per IP; one of: {', '.join(IP_LIMIT_KEYS)}")
+    value = coerce(key, parts[2])
+    sim.state.set_ip_limit(ip, key, value)
+    return {"ip": ip, "limits": dict(sim.state.ip_limits.get(ip, {}))}
+
+
+def _unlimit(sim: Simulator, rest: str) -> dict[str, Any]:
+    ip = _ip(rest)
+    sim.state.set_ip_limit(ip, "", None)
+    return {"ip": ip}
+
+
 def _marker(method: str, flag: bool) -> Callable[[Simulator, str], dict[str, Any]]:
     def run(sim: Simulator, rest: str) -> dict[str, Any]:
         ip = _ip(rest)
@@ -146,7 +168,7 @@ _VERBS: dict[str, Callable[[Simulator, str], dict[str, Any]]] = {
     "reset": _reset, "reset-ip": _reset_ip, "set": _set,
     "cold": _marker("set_cold", True), "warm": _marker("set_cold", False),
     "block": _marker("set_blocked", True), "unblock": _marker("set_blocked", False),
-    "dump": _dump, "help": _help,
+    "limit": _limit, "unlimit": _unlimit, "dump": _dump, "help": _help,
 }
 
 

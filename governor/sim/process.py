@@ -82,6 +82,13 @@ class _Controlled:
     def unblock(self, ip: str) -> None:
         self._ok(f"unblock {ip}")
 
+    def limit(self, ip: str, key: str, value: int) -> None:
+        """Give one sending IP its own max_conn / max_rate / max_per_conn."""
+        self._ok(f"limit {ip} {key} {value}")
+
+    def unlimit(self, ip: str) -> None:
+        self._ok(f"unlimit {ip}")
+
     def dump(self, path: str | os.PathLike[str]) -> Path:
         return Path(self._ok(f"dump {os.fspath(path)}")["path"])
 

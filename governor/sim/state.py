@@ -27,6 +27,9 @@ Model (one view per sending IP, shared by all simulated MX hosts):
   (seed 001: a four-hour pause "resets Yahoo's reputation counter").
 * **Recipients** — ``dd_pattern`` → 554 dd, ``defer_pattern`` → 451 [160]; neither
   closes the session nor counts as an IP violation.
+* **Per-IP overrides** — ``limit IP KEY VALUE`` gives one sending IP its own
+  ``max_conn``, ``max_rate`` or ``max_per_conn`` (Yahoo's tolerance differs per IP);
+  ``unlimit IP`` drops them. Tests use it to make one IP of a pool hit TSS04.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ from governor.sim.settings import Settings, normalize_ip
 Clock = Callable[[], float]
 
 OK = "ok"
+IP_LIMIT_KEYS = ("max_conn", "max_rate", "max_per_conn")
 
 
 @dataclass
@@ -114,6 +118,7 @@ class SimState:
         self.open = 0
         self.concurrency_hwm = 0
         self.sink: dict[str, SinkRecord] = {}
+        self.ip_limits: dict[str, dict[str, int]] = {}
 
     # -- settings -------------------------------------------------------------------
 
@@ -158,7 +163,7 @@ class SimState:
         stage = self.settings.stage
         if conn.pending is not None:
             return None if stage == "rcpt" else self._send(conn, conn.pending)
-        if conn.accepted >= self.settings.max_per_conn:
+        if conn.accepted >= self.limit(conn.ip, "max_per_conn"):
             return self._send(conn, replies.max_per_conn())
         rec = self.record(conn.ip)
         kind = self._volume(rec, self.clock())
@@ -254,6 +259,23 @@ class SimState:
         rec.violations = 0
         rec.last_violation = None
 
+    def limit(self, ip: str, key: str) -> int:
+        """The ``key`` limit (max_conn, max_rate, max_per_conn) in force for ``ip``."""
+        own = self.ip_limits.get(ip)
+        if own is not None and key in own:
+            return own[key]
+        return int(getattr(self.settings, key))
+
+    def set_ip_limit(self, ip: str, key: str, value: int | None) -> None:
+        """Give ``ip`` its own limit (None drops every override of that IP)."""
+        ip = normalize_ip(ip)
+        if value is None:
+            self.ip_limits.pop(ip, None)
+            return
+        if key not in IP_LIMIT_KEYS:
+            raise ValueError(f"per-IP limit must be one of {', '.join(IP_LIMIT_KEYS)}, got {key!r}")
+        self.ip_limits.setdefault(ip, {})[key] = value
+
     def set_cold(self, ip: str, cold: bool = True) -> None:
         (self.cold.add if cold else self.cold.discard)(normalize_ip(ip))
 
@@ -311,6 +333,7 @@ class SimState:
             "violations": rec.violations,
             "cold": rec.ip in self.cold,
             "blocked": rec.ip in self.blocked,
+            "limits": dict(self.ip_limits.get(rec.ip, {})),
         }
         if rec.ip in self.cold:
             out["cold_used"] = rec.accepted_since(now - s.cold_window)
@@ -325,7 +348,7 @@ class SimState:
         if rec.level != OK or now < rec.penalty_until:
             self._violate(rec, now, penalize=True)
             return self._escalated(rec, TSS04)
-        if rec.open > self.settings.max_conn:
+        if rec.open > self.limit(rec.ip, "max_conn"):
             self._violate(rec, now, penalize=True)
             return self._escalated(rec, TSS04)
         return None
@@ -333,7 +356,7 @@ class SimState:
     def _volume(self, rec: IpRecord, now: float) -> str | None:
         """Rate window and cold budget for one more message; the reply kind or None."""
         s = self.settings
-        if rec.accepted_since(now - s.rate_window) + rec.inflight >= s.max_rate:
+        if rec.accepted_since(now - s.rate_window) + rec.inflight >= self.limit(rec.ip, "max_rate"):
             self._violate(rec, now, penalize=True)
             return self._escalated(rec, TSS04)
         if rec.ip in self.cold and rec.accepted_since(now - s.cold_window) + rec.inflight >= s.cold_budget:
