@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up (idempotent) and run the demo: a private redis-server, real Yahoo
-# replies through the classifier, the policy and the shared store, shown as the
+# Set up (idempotent) and run the demo: private redis-server, Postfix and Yahoo
+# simulator on loopback; real mail through Postfix and the governor, shown as the
 # governor's decisions. Extra arguments go to `governor demo`.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
