@@ -23,7 +23,7 @@ from governor.lab.exim import (
     EximConfig,
     EximError,
     EximInstance,
-    find_exim,
+    lab_unavailable,
     governor_router,
     parse_bp,
     parse_retry_dump,
@@ -32,20 +32,7 @@ from governor.lab.exim import (
 from governor.lab.sink import SmtpSink
 
 
-def _lab_ready() -> str | None:
-    """Why the Exim lab cannot run here, or None."""
-    if os.geteuid() != 0:
-        return "needs root (setuid exim, /etc/exim4/trusted_configs)"
-    try:
-        find_exim()
-    except EximError as e:
-        return str(e)
-    if not TRUSTED_CONFIGS.exists():
-        return f"{TRUSTED_CONFIGS} missing; run scripts/setup.sh"
-    return None
-
-
-needs_exim = pytest.mark.skipif(_lab_ready() is not None, reason=_lab_ready() or "")
+needs_exim = pytest.mark.skipif(lab_unavailable() is not None, reason=lab_unavailable() or "")
 
 #: A router that pins every remote address to 127.0.0.3, the way a governor reply would.
 STATIC_LEASE_ROUTER = """pin_ip:
