@@ -1,4 +1,4 @@
-"""Shared fixtures: a real, private redis-server for the whole session (no fakeredis)."""
+"""Shared fixtures: a real, private redis-server for the whole test session."""
 from __future__ import annotations
 
 from collections.abc import Iterator
