@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import ipaddress
 import os
 import re
@@ -38,10 +39,17 @@ class ConfigError(YamlError):
 # --------------------------------------------------------------------------- model
 @dataclass(frozen=True)
 class SentinelConfig:
-    """Redis Sentinel: the store follows the named master through failovers."""
+    """Redis Sentinel: the store follows the named master through failovers.
+
+    ``username``/``password_file`` authenticate to the Sentinels themselves (their own
+    ``requirepass``/ACL); the data nodes use ``redis.username``/``redis.password_file``.
+    """
 
     master: str
     nodes: tuple[tuple[str, int], ...]
+    db: int = 0
+    username: str | None = None
+    password_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,17 @@ class ClusterConfig:
     """Redis Cluster seed nodes; every per-IP decision touches one slot."""
 
     nodes: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS towards Redis (``rediss://``, or Sentinel/Cluster nodes): the CA that signed
+    the server certificate, and a client certificate when Redis asks for one
+    (``tls-auth-clients yes``)."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +81,93 @@ class RedisConfig:
     audit_maxlen: int = 10000
     sentinel: SentinelConfig | None = None
     cluster: ClusterConfig | None = None
+    tls: TlsConfig | None = None
+
+    @property
+    def display(self) -> str:
+        """Where Redis is, for messages and logs: never a password."""
+        if self.sentinel is not None:
+            nodes = ",".join(f"{h}:{p}" for h, p in self.sentinel.nodes)
+            return f"sentinel {self.sentinel.master} via {nodes}"
+        if self.cluster is not None:
+            return "cluster via " + ",".join(f"{h}:{p}" for h, p in self.cluster.nodes)
+        return redact_url(self.url)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***`` (``redis://user:***@host``)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    auth, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = auth.split(":", 1)[0] if ":" in auth else ""
+    return f"{scheme}://{user}:***@{host}" if user else f"{scheme}://:***@{host}"
+
+
+def url_has_password(url: str) -> bool:
+    rest = url.partition("://")[2]
+    auth, at, _ = rest.rpartition("@")
+    return bool(at) and (":" in auth or bool(auth))
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    """``host:port`` / ``[v6]:port`` -> (host, port); ValueError naming the text."""
+    host, _, port = text.strip().rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f'expected host:port, got "{text}"')
+    return host.strip("[]"), int(port)
+
+
+def _url_nodes(rest: str) -> tuple[str, tuple[tuple[str, int], ...]]:
+    """Split ``[auth@]h:p,h:p[/path]`` -> (path, nodes); credentials are left to the caller."""
+    rest = rest.rpartition("@")[2]
+    hosts, _, path = rest.partition("/")
+    nodes = tuple(_host_port(h) for h in hosts.split(",") if h.strip())
+    if not nodes:
+        raise ValueError("expected at least one host:port")
+    return path, nodes
+
+
+def parse_sentinel_url(url: str) -> SentinelConfig:
+    """``redis+sentinel://[user:pw@]host:port[,host:port...]/MASTER[/db]`` -> SentinelConfig.
+
+    Credentials in the URL are for the data nodes (as with redis://), not the Sentinels."""
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() != "redis+sentinel":
+        raise ValueError("expected a redis+sentinel:// URL")
+    path, nodes = _url_nodes(rest)
+    master, _, db = path.strip("/").partition("/")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", master):
+        raise ValueError("expected redis+sentinel://host:port[,host:port...]/MASTER[/db]: no master name")
+    if db and not db.isdigit():
+        raise ValueError(f'expected a database number after the master name, got "{db}"')
+    return SentinelConfig(master=master, nodes=nodes, db=int(db or 0))
+
+
+def parse_cluster_url(url: str) -> ClusterConfig:
+    """``redis+cluster://[user:pw@]host:port[,host:port...]`` -> ClusterConfig (seed nodes)."""
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() != "redis+cluster":
+        raise ValueError("expected a redis+cluster:// URL")
+    path, nodes = _url_nodes(rest)
+    if path.strip("/") not in ("", "0"):
+        raise ValueError("Redis Cluster has only database 0")
+    return ClusterConfig(nodes=nodes)
+
+
+def url_credentials(url: str) -> tuple[str | None, str | None]:
+    """(username, password) given in a URL, percent-decoded; (None, None) without."""
+    from urllib.parse import unquote
+
+    auth, at, _ = url.partition("://")[2].rpartition("@")
+    if not at:
+        return None, None
+    user, colon, pw = auth.partition(":")
+    if not colon:
+        return None, unquote(user) or None
+    return unquote(user) or None, unquote(pw) or None
 
 
 @dataclass(frozen=True)
@@ -204,7 +310,9 @@ class EximConfig:
 
 @dataclass(frozen=True)
 class Metrics:
-    listen: str | None = "127.0.0.1:9425"
+    listen: str | None = "127.0.0.1:9425"       # governor serve
+    milter_listen: str | None = None            # governor milter (off: one port per process)
+    queue_agent_listen: str | None = None       # governor queue-agent
 
 
 @dataclass(frozen=True)
@@ -214,6 +322,7 @@ class Logging:
     level: str = "info"
     ident: str = "yahoo-governor"
     stderr: bool = False
+    syslog_socket: str | None = None  # unix datagram socket; None = /dev/log (or /var/run/syslog)
 
 
 @dataclass(frozen=True)
@@ -269,48 +378,93 @@ class Config:
 def _read_redis(n: Node) -> RedisConfig:
     d = RedisConfig()
     m = n.mapping(["url", "prefix", "socket_timeout", "connect_timeout", "username",
-                   "password_file", "audit_maxlen", "sentinel", "cluster"])
-    url = _get(m, "url").string(d.url, what="a Redis URL (unix:///path, redis://host:port/db or rediss://...)")
-    if url and not re.match(r"^(unix|redis|rediss)://", url):
-        _get(m, "url").fail(f'expected a Redis URL starting with unix://, redis:// or rediss://, got "{url}"')
+                   "password_file", "audit_maxlen", "sentinel", "cluster", "tls"])
+    url_node = _get(m, "url")
+    url = url_node.string(d.url, what="a Redis URL (unix:///path, redis://host:port/db, rediss://..., "
+                                      "redis+sentinel://... or redis+cluster://...)")
+    sentinel = cluster = None
+    if url and not re.match(r"^(unix|redis|rediss|redis\+unix|redis\+sentinel|redis\+cluster)://", url):
+        url_node.fail("expected a Redis URL starting with unix://, redis://, rediss://, redis+sentinel:// or "
+                      f'redis+cluster://, got "{redact_url(url)}"')
         url = d.url
-    sentinel = None
+    elif url and url.startswith(("redis+sentinel://", "redis+cluster://")):
+        try:
+            if url.startswith("redis+sentinel://"):
+                sentinel = parse_sentinel_url(url)
+            else:
+                cluster = parse_cluster_url(url)
+        except ValueError as exc:
+            url_node.fail(f"{exc} (in {redact_url(url)})")
+    if url and url_has_password(url) and os.path.isfile(url_node.file):  # text not read from a file: no mode
+        _check_secret_file(url_node, url_node.file, what="the configuration file (redis.url holds a password)")
     if "sentinel" in m and not m["sentinel"].is_null:
-        s = m["sentinel"].mapping(["master", "nodes"])
-        sentinel = SentinelConfig(
-            master=_get(s, "master").string("mymaster", pattern=r"[A-Za-z0-9_.-]+", what="a master name") or "mymaster",
-            nodes=_host_ports(_get(s, "nodes")),
-        )
-    cluster = None
+        sentinel = _read_sentinel(m["sentinel"], sentinel)
     if "cluster" in m and not m["cluster"].is_null:
-        c = m["cluster"].mapping(["nodes"])
+        c = m["cluster"].mapping(["nodes"], required=["nodes"])
         cluster = ClusterConfig(nodes=_host_ports(_get(c, "nodes")))
-    password_file = _get(m, "password_file").string(None, what="a file path")
-    if password_file:
-        _check_secret_file(_get(m, "password_file"), password_file)
+    if sentinel is not None and cluster is not None:
+        n.fail("redis.sentinel and redis.cluster exclude each other: a deployment uses one of them")
+    password_file = _read_secret_path(_get(m, "password_file"))
     return RedisConfig(
         url=url or d.url,
         prefix=_get(m, "prefix").string(d.prefix, pattern=r"[A-Za-z0-9_.-]{1,32}",
                                         what="a key prefix of letters, digits, _ . - (at most 32)") or d.prefix,
         socket_timeout=_get(m, "socket_timeout").duration(d.socket_timeout, positive=True) or d.socket_timeout,
         connect_timeout=_get(m, "connect_timeout").duration(d.connect_timeout, positive=True) or d.connect_timeout,
-        username=_get(m, "username").string(None),
+        username=_get(m, "username").string(None, pattern=r"[^\s:@/]{1,64}", what="an ACL user name"),
         password_file=password_file,
         audit_maxlen=_get(m, "audit_maxlen").integer(d.audit_maxlen, minimum=100) or d.audit_maxlen,
         sentinel=sentinel,
         cluster=cluster,
+        tls=_read_tls(_get(m, "tls")),
     )
 
 
-def _check_secret_file(n: Node, path: str) -> None:
-    """A file holding the Redis password must not be readable by everyone."""
+def _read_sentinel(n: Node, from_url: SentinelConfig | None) -> SentinelConfig:
+    s = n.mapping(["master", "nodes", "db", "username", "password_file"], required=["master", "nodes"])
+    return SentinelConfig(
+        master=_get(s, "master").string("mymaster", pattern=r"[A-Za-z0-9_.-]+", what="a master name") or "mymaster",
+        nodes=_host_ports(_get(s, "nodes")),
+        db=_get(s, "db").integer(from_url.db if from_url else 0, minimum=0, maximum=15) or 0,
+        username=_get(s, "username").string(None, pattern=r"[^\s:@/]{1,64}", what="an ACL user name"),
+        password_file=_read_secret_path(_get(s, "password_file")),
+    )
+
+
+def _read_tls(n: Node) -> TlsConfig | None:
+    if n.is_null:
+        return None
+    t = n.mapping(["ca_file", "cert_file", "key_file"])
+    tls = TlsConfig(**{k: _get(t, k).string(None, what="a file path") for k in ("ca_file", "cert_file", "key_file")})
+    for key in ("ca_file", "cert_file"):
+        path = getattr(tls, key)
+        if path and not os.access(path, os.R_OK):
+            _get(t, key).fail(f"cannot read {path}")
+    if tls.key_file:
+        _check_secret_file(_get(t, "key_file"), tls.key_file, what=tls.key_file)
+    if bool(tls.cert_file) != bool(tls.key_file):
+        n.fail("cert_file and key_file go together (a client certificate needs its key)")
+    return tls
+
+
+def _read_secret_path(n: Node) -> str | None:
+    path = n.string(None, what="a file path")
+    if path:
+        _check_secret_file(n, path, what=path)
+    return path
+
+
+def _check_secret_file(n: Node, path: str, *, what: str) -> None:
+    """A file holding a Redis secret must not be readable by everyone."""
+    if path.startswith("<"):  # text given in memory (tests, check-config of stdin): no file
+        return
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:
         n.fail(f"cannot read {path}: {exc.strerror}")
         return
     if mode & 0o004:
-        n.fail(f"{path} is world-readable (mode {mode & 0o777:o}); chmod o-r it, it holds a secret")
+        n.fail(f"{what} is world-readable (mode {mode & 0o777:o}); chmod o-r {path}, it holds a secret")
 
 
 def _host_ports(n: Node) -> tuple[tuple[str, int], ...]:
@@ -557,14 +711,23 @@ def _read_exim(n: Node) -> EximConfig:
     )
 
 
+_LISTEN = r"(\d{1,3}(\.\d{1,3}){3}|\[[0-9a-fA-F:]+\]|localhost):\d{1,5}"
+
+
+def _read_listen(m: dict, key: str, default: str | None) -> str | None:
+    """host:port, or null (disabled); absent = ``default``."""
+    node = _get(m, key)
+    if key in m and node.is_null:
+        return None
+    return node.string(default, pattern=_LISTEN, what="host:port such as 127.0.0.1:9425 (or null to disable)")
+
+
 def _read_metrics(n: Node) -> Metrics:
-    m = n.mapping(["listen"])
-    node = _get(m, "listen")
-    if "listen" in m and node.is_null:
-        return Metrics(listen=None)
-    listen = node.string(Metrics().listen, pattern=r"(\d{1,3}(\.\d{1,3}){3}|\[[0-9a-fA-F:]+\]|localhost):\d{1,5}",
-                         what="host:port such as 127.0.0.1:9425 (or null to disable)")
-    return Metrics(listen=listen)
+    d = Metrics()
+    m = n.mapping(["listen", "milter_listen", "queue_agent_listen"])
+    return Metrics(listen=_read_listen(m, "listen", d.listen),
+                   milter_listen=_read_listen(m, "milter_listen", d.milter_listen),
+                   queue_agent_listen=_read_listen(m, "queue_agent_listen", d.queue_agent_listen))
 
 
 _FACILITIES = ("mail", "daemon", "user", "local0", "local1", "local2", "local3", "local4", "local5", "local6",
@@ -573,13 +736,15 @@ _FACILITIES = ("mail", "daemon", "user", "local0", "local1", "local2", "local3",
 
 def _read_logging(n: Node) -> Logging:
     d = Logging()
-    m = n.mapping(["syslog", "facility", "level", "ident", "stderr"])
+    m = n.mapping(["syslog", "facility", "level", "ident", "stderr", "syslog_socket"])
     return Logging(
         syslog=_get(m, "syslog").boolean(d.syslog),
         facility=_get(m, "facility").choice(d.facility, _FACILITIES),
         level=_get(m, "level").choice(d.level, ("debug", "info", "notice", "warning", "error")),
         ident=_get(m, "ident").string(d.ident, pattern=r"[A-Za-z0-9_.-]{1,32}", what="a syslog ident") or d.ident,
         stderr=_get(m, "stderr").boolean(d.stderr),
+        syslog_socket=_get(m, "syslog_socket").string(d.syslog_socket, pattern=r"/.{1,106}",
+                                                      what="an absolute path to a unix socket"),
     )
 
 
@@ -603,8 +768,12 @@ def _or(value: Any, default: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- defaults
+@functools.lru_cache(maxsize=1)
 def _bundled_reactions() -> tuple[dict[str, Reaction], dict[str, Reaction]]:
-    """Default reactions from governor/data/reactions.yaml (validated like user config)."""
+    """Default reactions from governor/data/reactions.yaml (validated like user config).
+
+    Read once per process: the file is part of the package, and callers only copy the
+    dicts (``_read_reactions``) of frozen Reactions."""
     text = resources.files("governor").joinpath("data/reactions.yaml").read_text()
     root, problems = parse(text, "reactions.yaml", error=ConfigError)
     m = root.mapping(["reactions", "class_reactions"])

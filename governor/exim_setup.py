@@ -47,6 +47,9 @@ _PIECES: tuple[tuple[str, str], ...] = (
     ("retry/25_yahoo-governor", "yahoo-governor-retry.conf"),
 )
 
+#: The conf.d files the governor owns (``governor setup exim remove`` deletes exactly these).
+PIECE_NAMES = tuple(name for name, _ in _PIECES)
+
 #: Exim config section of each conf.d directory (for concatenation and docs).
 SECTIONS = {"main": "", "acl": "acl", "router": "routers", "transport": "transports", "retry": "retry"}
 

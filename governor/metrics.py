@@ -23,7 +23,8 @@ from prometheus_client.registry import Collector
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 DECISIONS = Counter(
-    "governor_decisions_total", "Admission decisions by result and reason.",
+    "governor_decisions_total",
+    "Admission decisions by result and reason (daemon: granted/denied/failopen; milter: continue/hold/tempfail).",
     ["result", "reason"], registry=REGISTRY,
 )
 FEEDBACK = Counter(
@@ -47,7 +48,7 @@ REDIS_LATENCY = Histogram(
     registry=REGISTRY,
 )
 QUEUE_OPS = Counter(
-    "governor_queue_operations_total", "Queue agent operations on MTA queues (hold, release).",
+    "governor_queue_operations_total", "Queue agent operations on MTA queues (scans, held, released, deadline_released, mta_errors).",
     ["mta", "op"], registry=REGISTRY,
 )
 

@@ -65,7 +65,8 @@ extract_deb() {
 
 install_exim() {
   # Exim 4.96 from Debian, extracted (not installed) next to Postfix: the daemon
-  # binary, and exim4-base for exim_dumpdb & co. (hints database inspection).
+  # binary, exim4-base for exim_dumpdb & co. (hints database inspection), and
+  # exim4-config for Debian's conf.d/template that `governor setup exim` is tested on.
   if [ ! -x "$LAB/exim-root/usr/sbin/exim4" ]; then
     log "extracting exim4-daemon-light into $LAB/exim-root"
     extract_deb exim4-daemon-light
@@ -73,6 +74,10 @@ install_exim() {
   if [ ! -x "$LAB/exim-root/usr/sbin/exim_dumpdb" ]; then
     log "extracting exim4-base utilities into $LAB/exim-root"
     extract_deb exim4-base
+  fi
+  if [ ! -x "$LAB/exim-root/usr/sbin/update-exim4.conf" ]; then
+    log "extracting exim4-config (Debian's conf.d and update-exim4.conf) into $LAB/exim-root"
+    extract_deb exim4-config
   fi
   getent group Debian-exim >/dev/null || groupadd --system Debian-exim
   id Debian-exim >/dev/null 2>&1 || useradd --system -g Debian-exim -d /var/spool/exim4 -M -s /usr/sbin/nologin Debian-exim

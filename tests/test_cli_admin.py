@@ -99,3 +99,20 @@ def test_unreachable_redis_is_one_line_exit_1(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["--config", str(path), "status"])
     assert res.exit_code == 1
     assert res.output.startswith("governor: ") and len(res.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("shell, marker", [("bash", "complete -o nosort -F"), ("zsh", "compdef"),
+                                           ("fish", "complete --no-files --command governor")])
+def test_shell_completion_script(shell: str, marker: str) -> None:
+    """`eval "$(_GOVERNOR_COMPLETE=bash_source governor)"` (README, governor(8)) works."""
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).parent / "governor"
+    res = subprocess.run([str(exe)], env={"_GOVERNOR_COMPLETE": f"{shell}_source", "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and marker in res.stdout and "_GOVERNOR_COMPLETE" in res.stdout, res.stdout
+    words = subprocess.run([str(exe)], env={"_GOVERNOR_COMPLETE": "bash_complete", "COMP_WORDS": "governor rel",
+                                            "COMP_CWORD": "1", "PATH": "/usr/bin:/bin"},
+                           capture_output=True, text=True, timeout=60)
+    assert "plain,release\n" in words.stdout and "plain,release-ip\n" in words.stdout, words.stdout

@@ -155,3 +155,50 @@ def test_check_config_cli(tmp_path: Path) -> None:
     assert f'{bad}:3: limits.per_ip.messages_per_minute: expected a positive number, got "fast"' in res.output
     missing = runner.invoke(main, ["check-config", str(tmp_path / "nope.yaml")])
     assert missing.exit_code == 2 and "file not found" in missing.output
+
+
+# ----------------------------------------------------------------------------- redis topologies
+def test_sentinel_and_cluster_forms() -> None:
+    url = load_config_text("redis: {url: 'redis+sentinel://10.0.0.1:26379,[::1]:26380/mymaster/2'}\n").redis
+    assert url.sentinel is not None and url.sentinel.master == "mymaster" and url.sentinel.db == 2
+    assert url.sentinel.nodes == (("10.0.0.1", 26379), ("::1", 26380))
+    keys = load_config_text("redis:\n  sentinel:\n    master: m1\n    nodes: [10.0.0.1:26379]\n    db: 3\n").redis
+    assert keys.sentinel is not None and (keys.sentinel.master, keys.sentinel.db) == ("m1", 3)
+    c = load_config_text("redis: {url: 'redis+cluster://10.0.0.1:7000,10.0.0.2:7001'}\n").redis.cluster
+    assert c is not None and c.nodes == (("10.0.0.1", 7000), ("10.0.0.2", 7001))
+    c = load_config_text("redis: {cluster: {nodes: ['10.0.0.1:7000']}}\n").redis
+    assert c.cluster is not None and c.display == "cluster via 10.0.0.1:7000"
+
+
+@pytest.mark.parametrize("text, error", [
+    ("redis:\n  url: 'redis+sentinel://h:26379'\n", "governor.yaml:2: redis.url: expected redis+sentinel://"),
+    ("redis:\n  url: 'redis+sentinel://h:x/m'\n", 'governor.yaml:2: redis.url: expected host:port, got "h:x"'),
+    ("redis:\n  url: 'redis+cluster://h:7000/3'\n", "governor.yaml:2: redis.url: Redis Cluster has only database 0"),
+    ("redis:\n  url: 'redis+cluster://'\n", "governor.yaml:2: redis.url: expected at least one host:port"),
+    ("redis:\n  url: 'memcached://u:pw@h'\n", 'got "memcached://u:***@h"'),
+    ("redis:\n  sentinel: {nodes: ['h:1']}\n", "governor.yaml:2: redis.sentinel.master: missing"),
+    ("redis:\n  sentinel: {master: m, nodes: []}\n", "governor.yaml:2: redis.sentinel.nodes: expected a list"),
+    ("redis:\n  sentinel: {master: m, nodes: ['h']}\n", 'governor.yaml:2: redis.sentinel.nodes[0]: expected host:port'),
+    ("redis:\n  sentinel: {master: m, nodes: ['h:1'], db: 99}\n", "governor.yaml:2: redis.sentinel.db"),
+    ("redis:\n  cluster: {nodes: ['h:70000']}\n", "governor.yaml:2: redis.cluster.nodes[0]: expected host:port"),
+    ("redis:\n  cluster: {nodes: ['h:1']}\n  sentinel: {master: m, nodes: ['h:2']}\n",
+     "redis.sentinel and redis.cluster exclude each other"),
+    ("redis:\n  tls: {cert_file: /etc/hostname}\n", "governor.yaml:2: redis.tls: cert_file and key_file go together"),
+    ("redis:\n  tls: {ca_file: /nonexistent/ca.pem}\n", "governor.yaml:2: redis.tls.ca_file: cannot read"),
+    ("redis:\n  username: 'a b'\n", "governor.yaml:2: redis.username: expected an ACL user name"),
+])
+def test_bad_redis_topologies_name_file_and_line(text: str, error: str) -> None:
+    errors = errors_of(text)
+    assert any(error in e for e in errors), errors
+    assert not any("pw" in e for e in errors)
+
+
+def test_password_in_url_needs_a_private_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "governor.yaml"
+    path.write_text("redis:\n  url: 'rediss://gov:hunter2@10.0.0.1:6380/0'\n")
+    path.chmod(0o604)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert f"{path}:2: redis.url: the configuration file" in str(exc.value) and "hunter2" not in str(exc.value)
+    path.chmod(0o600)
+    assert load_config(path).redis.display == "rediss://gov:***@10.0.0.1:6380/0"

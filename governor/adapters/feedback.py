@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from governor import metrics
+from governor import logsetup, metrics
 from governor.classify import Classification, classify
 from governor.logsetup import kv
 
@@ -65,7 +65,21 @@ def _done(log: logging.Logger, ip: str, c: Classification, actions: list[Any], m
     for kind in fb.actions:
         metrics.ACTIONS.labels(kind).inc()
     log_event(log, ip, c, fb, mta=mta, domain=domain, recipient=recipient, queue_id=queue_id, event=event)
+    audit_reactions(ip, actions, mta=mta, queue_id=queue_id, domain=domain)
     return fb
+
+
+def audit_reactions(ip: str, actions: list[Any], *, mta: str, queue_id: str | None, domain: str | None) -> None:
+    """One syslog audit line per automatic reaction (not the bare counters), carrying the
+    queue id of the message whose reply caused it."""
+    for a in actions:
+        if a.kind in ("count_deferral", "count_complaint"):
+            continue
+        logsetup.audit(a.kind, ip=ip, by="policy", reason=a.reason, queue_id=queue_id, mta=mta, domain=domain,
+                       seconds=f"{a.seconds:g}" if a.seconds else None,
+                       factor=f"{a.factor:g}" if a.kind == "slow" else None,
+                       level=a.level if a.kind == "escalate" else None,
+                       value=a.value if a.kind == "per_connection" else None)
 
 
 def log_event(log: logging.Logger, ip: str | None, c: Classification | None, fb: Feedback, *, mta: str,

@@ -42,7 +42,7 @@ from governor import metrics
 from governor.adapters.queue_agent import STORE_ERRORS, ProviderState
 from governor.config import Config
 from governor.domains import DomainSet, domain_of
-from governor.logsetup import kv
+from governor.logsetup import audit, kv
 from governor.store.model import Hold
 
 log = logging.getLogger("governor.milter")
@@ -161,25 +161,32 @@ class MilterPolicy:
         except StoreDown as exc:
             return self._store_down(address, exc)
         if state.open:
-            return CONTINUE_GOVERNED
+            return self.decided(CONTINUE_GOVERNED, "ok")
         if self.monitor:
             self.count("would_" + self.cfg.holds.action)
             log.info(kv(event=f"would-{self.cfg.holds.action}", rcpt=address, reason=state.reason))
-            return CONTINUE_GOVERNED
+            return self.decided(CONTINUE_GOVERNED, "monitor:" + state.reason)
         if self.cfg.holds.action == "tempfail":
             self.count("rcpt_tempfail")
             log.info(kv(event="tempfail", rcpt=address, reason=state.reason, retry_after=f"{state.retry_after:.1f}"))
-            return RcptVerdict("tempfail", True, self._tempfail_text(state))
-        return RcptVerdict("hold", True)
+            return self.decided(RcptVerdict("tempfail", True, self._tempfail_text(state)), state.reason)
+        return self.decided(RcptVerdict("hold", True), state.reason)
+
+    @staticmethod
+    def decided(verdict: RcptVerdict, reason: str) -> RcptVerdict:
+        """Count one governed RCPT's verdict in governor_decisions_total{result, reason}."""
+        metrics.DECISIONS.labels(verdict.action, metrics.reason_label(reason)).inc()
+        return verdict
 
     def _store_down(self, address: str, exc: Exception) -> RcptVerdict:
         if self.cfg.redis_down == "fail-closed" and not self.monitor:
             self.count("redis_down_tempfail")
             log.warning(kv(event="redis-down", action="tempfail", rcpt=address, error=exc))
-            return RcptVerdict("tempfail", True, "governor: rate state unavailable, try again later")
+            return self.decided(RcptVerdict("tempfail", True, "governor: rate state unavailable, try again later"),
+                                "redis-down")
         self.count("redis_down_continue")
         log.warning(kv(event="redis-down", action="continue", rcpt=address, error=exc))
-        return CONTINUE_GOVERNED
+        return self.decided(CONTINUE_GOVERNED, "redis-down")
 
     @staticmethod
     def _tempfail_text(state: ProviderState) -> str:
@@ -302,6 +309,7 @@ class GovernorMilter(Milter.Base):
             return
         self.policy.count("quarantined")
         log.info(kv(event="hold", queue_id=queue_id, reason=reason))
+        audit("hold", queue_id=queue_id, by="milter", reason=reason, mta=MTA)
 
     def abort(self) -> int:
         self._reset()
@@ -319,7 +327,8 @@ def make_factory(policy: MilterPolicy) -> Callable[[], GovernorMilter]:
 # --------------------------------------------------------------------------- running it
 def prepare_socket(spec: str, group: str | None) -> None:
     """Create the socket's directory (setgid to ``group`` so the socket inherits it) and
-    remove a stale socket. libmilter creates the socket with the process umask."""
+    remove a stale socket. libmilter creates the socket with the process umask (0177:
+    owner only until :func:`finish_socket`)."""
     path = spec.removeprefix("unix:").removeprefix("local:")
     if spec.startswith(("inet:", "inet6:")):
         return
@@ -379,7 +388,9 @@ def run(cfg: Config, store: Any, socket_spec: str, *, timeout: int = 600) -> Mil
     Milter.factory = make_factory(policy)
     spec = pymilter_socket(socket_spec)
     prepare_socket(spec, cfg.sockets.group)
-    os.umask(0o007)
+    # libmilter creates the socket itself: owner-only until finish_socket applies the
+    # configured owner/group/mode, so no other user can connect in between
+    os.umask(0o177)
     threading.Thread(target=finish_socket, name="milter-socket", daemon=True,
                      args=(spec, cfg.sockets.mode, cfg.sockets.owner, cfg.sockets.group)).start()
     log.info(kv(event="start", socket=spec, mode=cfg.mode, redis_down=cfg.redis_down, holds=cfg.holds.action))

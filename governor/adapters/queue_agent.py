@@ -41,9 +41,9 @@ from governor import metrics
 from governor.classify import classify
 from governor.config import Config
 from governor.domains import DomainSet, domain_of
-from governor.logsetup import kv
+from governor.logsetup import audit, kv
 from governor.store.keys import valid_recipient
-from governor.store.model import Hold, IpStatus
+from governor.store.model import Decision, Hold, IpStatus
 
 log = logging.getLogger("governor.queue_agent")
 
@@ -157,6 +157,30 @@ class RateLimit:
         if self.interval:
             self._tat = max(self._tat, self._clock()) + self.interval
 
+    def delay(self) -> float:
+        """Seconds until :meth:`ready` (0 when it is)."""
+        return max(0.0, self._tat - self._clock()) if self.interval else 0.0
+
+
+#: Denials a paced release waits out (the budget returns within seconds); any other
+#: reason (cooldown, hold, pause, warm-up cap, no IP) means no IP may send for a while.
+TRANSIENT_DENIALS = ("rate", "concurrency")
+
+
+def budget_token(store: Any, limit: RateLimit, holder: str) -> Decision | None:
+    """One message's worth of budget: ``acquire(None)`` then release of the lease at once,
+    so releases go at the per-IP pace of the IPs that may send (slower while one ramps
+    back), and at most ``limit``. None when ``limit`` is not ready; otherwise the store's
+    decision (granted or not, with its reason and retry-after)."""
+    if not limit.ready():
+        return None
+    decision = store.acquire(None, holder=holder)
+    if decision.granted:
+        if decision.lease:
+            store.release(decision.lease)
+        limit.take()
+    return decision
+
 
 # --------------------------------------------------------------------------- the agent
 @dataclass
@@ -218,7 +242,7 @@ class QueueAgent:
             self._store_down(report, exc)
         except QueueCommandError as exc:
             report.error = str(exc)
-            self.counts["mta_errors"] += 1
+            self._count("mta_errors")
             log.error(kv(event="mta-command-failed", mta=self.backend.mta, error=exc))
         return report
 
@@ -256,7 +280,7 @@ class QueueAgent:
         """List the queue once; hold what must not go out; let go of registry holds whose
         message is no longer queued Yahoo mail."""
         messages = self.backend.list_governed(self.domains)
-        self.counts["scans"] += 1
+        self._count("scans")
         registry = {h.queue_id: h for h in self._registry()}
         candidates = [m for m in messages if m.state != "hold"]
         self._reasons = {m.queue_id: m.reason for m in candidates}
@@ -333,6 +357,9 @@ class QueueAgent:
         by_ip = Counter(ip for m, ip, _ in todo if m.queue_id in held)
         for ip, n in sorted(by_ip.items()):
             log.info(kv(event="held", mta=self.backend.mta, ip=ip, messages=n))
+        for msg, ip, reason in todo:
+            if msg.queue_id in held:
+                audit("hold", queue_id=msg.queue_id, ip=ip, by="queue-agent", reason=reason, mta=self.backend.mta)
 
     def _release_gone(self, registry: dict[str, Hold], present: set[str], report: StepReport) -> None:
         """Registry holds whose message no longer shows as queued Yahoo mail: delivered or
@@ -362,7 +389,7 @@ class QueueAgent:
         if deadline:
             log.warning(kv(event="deadline-release", mta=self.backend.mta, messages=len(deadline),
                            detail="released before the queue lifetime runs out, whatever the budget"))
-            report.deadline += self._release(deadline)
+            report.deadline += self._release(deadline, "deadline")
             self._count("deadline_released", len(deadline))
         if not state.open:
             return
@@ -384,16 +411,10 @@ class QueueAgent:
 
     def _token(self) -> bool:
         """One message's worth of budget from the store (and the local release_rate)."""
-        if not self.limit.ready():
-            return False
-        decision = self.store.acquire(None, holder="queue-agent")
-        if not decision.granted:
-            return False
-        self.store.release(decision.lease)
-        self.limit.take()
-        return True
+        decision = budget_token(self.store, self.limit, "queue-agent")
+        return decision is not None and decision.granted
 
-    def _release(self, ids: list[str]) -> list[str]:
+    def _release(self, ids: list[str], why: str = "may-send") -> list[str]:
         released = self.backend.release(ids)
         now = self.clock()
         for qid in ids:  # kicked (unregistered) ids cost one HGET here
@@ -403,6 +424,8 @@ class QueueAgent:
         self._count("released", len(released))
         if released:
             log.info(kv(event="released", mta=self.backend.mta, messages=len(released)))
+        for qid in released:
+            audit("release", queue_id=qid, by="queue-agent", reason=why, mta=self.backend.mta)
         return released
 
     def _forget_old_releases(self, now: float) -> None:

@@ -43,10 +43,12 @@ _COMMAND_MODULES = (
     "governor.cli.sim_cmd",
     "governor.cli.demo_cmd",
     "governor.cli.admin_cmds",
+    "governor.cli.release_cmd",
     "governor.cli.report_cmd",
     "governor.cli.exim_cmds",
     "governor.cli.serve_cmd",
     "governor.cli.postfix_cmds",
+    "governor.cli.setup_cmd",
 )
 
 for _name in _COMMAND_MODULES:

@@ -1,8 +1,9 @@
 """Operator commands over the shared store: see what is happening, and act safely.
 
 status, show ip, holds, audit (read); pause, resume, release-ip, reset-level
-(act — each recorded in the audit stream with who and why). Output is one table
-for people, ``--json`` (JSON Lines, one object per row) for scripts.
+(act — each recorded in the audit stream with who and why, and mirrored to syslog as
+one ``action=... by=...`` line). Output is one table for people, ``--json`` (JSON
+Lines, one object per row) for scripts.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from governor import logsetup
 from governor.cli import main
 from governor.cli.common import EXIT_FAIL, config_from, emit_json, fail
 from governor.policy import LEVEL_NAMES
@@ -38,19 +40,49 @@ def store_for(ctx: click.Context) -> Iterator[Store]:
     try:
         store = Store.connect(cfg)
     except (redis.RedisError, OSError) as exc:
-        fail(f"cannot reach Redis at {cfg.redis.url}: {exc}", EXIT_FAIL)
+        fail(f"cannot reach Redis at {cfg.redis.display}: {exc}", EXIT_FAIL)
     try:
         yield store
     except (redis.ConnectionError, redis.TimeoutError) as exc:
-        fail(f"Redis at {cfg.redis.url} did not answer: {exc}", EXIT_FAIL)
+        fail(f"Redis at {cfg.redis.display} did not answer: {exc}", EXIT_FAIL)
     finally:
         store.close()
 
 
+def operator() -> str:
+    """The Unix user acting: the sudo user if any (syslog adds the host itself)."""
+    return os.environ.get("SUDO_USER") or getpass.getuser()
+
+
 def who() -> str:
-    """The operator, as the audit records it: the sudo user if any, and the host."""
-    user = os.environ.get("SUDO_USER") or getpass.getuser()
-    return f"{user}@{socket.gethostname()}"
+    """The operator, as the audit stream records it: the user and the host."""
+    return f"{operator()}@{socket.gethostname()}"
+
+
+@contextmanager
+def audit_log(ctx: click.Context) -> Iterator[None]:
+    """Syslog (config ``logging``) for the audit lines of one admin command: never to
+    the terminal, flushed before the command returns. Logging a caller already set up
+    (a program running the command in-process) is used as it is."""
+    if logsetup.active():
+        yield
+        return
+    cfg = config_from(ctx)
+    logsetup.setup(cfg.logging, stderr=False, fallback=False)
+    try:
+        yield
+    finally:
+        logsetup.shutdown()
+
+
+def audit_line(ctx: click.Context, action: str, **fields: object) -> None:
+    """One ``action=... by=<user> ...`` syslog line for an admin action already in the store."""
+    with audit_log(ctx):
+        logsetup.audit(action, **fields)
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def ip_or_provider(value: str, *, provider_ok: bool = True) -> str:
@@ -227,7 +259,12 @@ def show_ip(ctx: click.Context, ip: str, as_json: bool, audit_count: int) -> Non
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per held message (JSON Lines).")
 @click.pass_context
 def holds_cmd(ctx: click.Context, ip: str | None, as_json: bool) -> None:
-    """Mail the MTAs parked in their hold queue for the governor, oldest first."""
+    """Mail the MTAs parked in their hold queue for the governor, oldest first.
+
+    "release before" is when the queue agent releases a message whatever the
+    budget (arrival + holds.queue_lifetime - holds.release_margin). To release
+    earlier, paced: `governor release`.
+    """
     cfg = config_from(ctx)
     with store_for(ctx) as store:
         rows = sorted(store.holds(ip), key=lambda h: h.since)
@@ -290,6 +327,9 @@ def pause(ctx: click.Context, target: str, seconds: float, reason: str) -> None:
     """
     with store_for(ctx) as store:
         store.pause(target, seconds, reason, who())
+        until = store.now() + seconds
+    audit_line(ctx, "pause", ip=target, by=operator(), reason=reason, until=_iso(until),
+               seconds=f"{seconds:g}")
     click.echo(f"{target}: paused for Yahoo for {format_duration(seconds)} ({reason})")
 
 
@@ -300,6 +340,7 @@ def resume(ctx: click.Context, target: str) -> None:
     """End the cooldown or pause of TARGET (an IP or "provider"). Holds and levels stay."""
     with store_for(ctx) as store:
         store.resume(target, who())
+    audit_line(ctx, "resume", ip=target, by=operator())
     click.echo(f"{target}: resumed")
 
 
@@ -314,6 +355,7 @@ def release_ip(ctx: click.Context, ip: str) -> None:
     """
     with store_for(ctx) as store:
         was_held = store.release_ip(ip, who())
+    audit_line(ctx, "release-ip", ip=ip, by=operator(), changed="yes" if was_held else "no")
     if not was_held:
         fail(f"{ip} was not held", EXIT_FAIL)
     click.echo(f"{ip}: released; it may send to Yahoo again")
@@ -325,5 +367,6 @@ def release_ip(ctx: click.Context, ip: str) -> None:
 def reset_level(ctx: click.Context, ip: str) -> None:
     """Lower IP's escalation level to 0 — the only way a level ever goes down."""
     with store_for(ctx) as store:
-        store.reset_level(ip, who())
+        changed = store.reset_level(ip, who())
+    audit_line(ctx, "reset-level", ip=ip, by=operator(), changed="yes" if changed else "no")
     click.echo(f"{ip}: escalation level reset to 0")

@@ -42,19 +42,26 @@ def connect_store(cfg: Config) -> Any:
 
 
 def serve_metrics(listen: str | None, store: Any) -> None:
-    """Prometheus /metrics for this process when asked (the daemon owns metrics.listen)."""
+    """Prometheus /metrics for this process when asked: --metrics-listen, else
+    metrics.milter_listen / metrics.queue_agent_listen (each process needs its own port;
+    ``governor serve`` owns metrics.listen). A port that is taken is a startup failure."""
     if listen:
+        import logging
+
         from governor import metrics
+        from governor.logsetup import kv
 
         try:
-            metrics.serve(listen, store.status)
+            port = metrics.serve(listen, store.status)
         except OSError as exc:
             fail(f"metrics on {listen}: {exc}", EXIT_FAIL)
+        logging.getLogger("governor.metrics").info(kv(event="metrics", listen=f"{listen.rpartition(':')[0]}:{port}"))
 
 
 METRICS_OPTION = click.option(
     "--metrics-listen", metavar="HOST:PORT", default=None,
-    help="Serve Prometheus /metrics here (off by default: `governor serve` owns metrics.listen).")
+    help="Serve Prometheus /metrics here (port 0: any free port, logged) instead of "
+         "metrics.milter_listen / metrics.queue_agent_listen (both off by default).")
 
 
 def stop_on_signals() -> threading.Event:
@@ -91,7 +98,7 @@ def milter_cmd(ctx: click.Context, socket_spec: str | None, timeout: int, metric
 
     It never rejects or discards. When Redis cannot be reached: redis_down:
     fail-open continues, fail-closed answers 451 4.7.1 for Yahoo recipients. The
-    socket is created with umask 007, then given sockets.mode/owner/group; its
+    socket is created owner-only (umask 0177), then given sockets.mode/owner/group; its
     directory is created setgid to sockets.group when missing. Postfix settings:
     `governor postfix-config`. Exit status 0 after a clean stop, 1 when the socket
     cannot be opened, 2 for a bad configuration.
@@ -102,7 +109,7 @@ def milter_cmd(ctx: click.Context, socket_spec: str | None, timeout: int, metric
     cfg = config_from(ctx)
     setup_logging(cfg, verbose)
     store = connect_store(cfg)
-    serve_metrics(metrics_listen, store)
+    serve_metrics(metrics_listen or cfg.metrics.milter_listen, store)
     try:
         policy = milter.run(cfg, store, socket_spec or cfg.sockets.milter, timeout=timeout)
     except Exception as exc:  # noqa: BLE001 - libmilter raises milter.error for socket problems
@@ -228,7 +235,7 @@ def queue_agent(ctx: click.Context, mta: str, once: bool, duration: float | None
         out = dataclasses.asdict(report)
         emit_json(out) if as_json else click.echo(" ".join(f"{k}={v}" for k, v in out.items()))
         sys.exit(EXIT_FAIL if report.error else 0)
-    serve_metrics(metrics_listen, store)
+    serve_metrics(metrics_listen or cfg.metrics.queue_agent_listen, store)
     stop = stop_on_signals()
     if follow_maillog:
         from governor.adapters.postfix_log import follow_in_thread

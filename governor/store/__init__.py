@@ -31,6 +31,12 @@ per-IP script touches exactly one slot)::
     <p>:provider        HASH  provider pause (pu/pr/ps), for status; hot path never reads it
     <p>:assign:rr       STRING round-robin counter of assign() (INCR), shared by every daemon
 
+On Redis Cluster (a RedisCluster client) no script may span slots, so the audit goes
+to per-IP streams ``<p>:{<ip>}:audit`` and the provider record's keys share the tag
+``{provider}`` (``<p>:{provider}``, ``<p>:{provider}:pauses``, ``<p>:{provider}:audit``);
+the pool-wide pick and assign() run client-side, one slot per call. Sentinel needs
+nothing but its client (docs/store.md, "Redis Sentinel and Redis Cluster").
+
 Lease ids are ``<ip>|<16 hex>[|<holder>]`` so release() finds the IP's key with
 no lookup. Everything that reaches a key name is validated first (keys.py).
 

@@ -11,7 +11,7 @@ import asyncio
 from typing import Any
 
 from governor.store import scripts
-from governor.store.connection import async_client, reject_cluster
+from governor.store.connection import aclose_client, async_client, is_cluster, topology
 from governor.store.lane import Lane
 from governor.store.model import Assignment, AuditEntry, Decision, Hold, IpStatus
 from governor.store.plans import Call, Plan, Planner, T, redis_time
@@ -21,10 +21,10 @@ class AsyncStore:
     """See Store; every method is a coroutine."""
 
     def __init__(self, client: Any, config: Any, *, pick: str = "script", lane: Lane | None = None) -> None:
-        reject_cluster(client)
         self.client = client
         self.config = config
-        self.plans = Planner(config, pick=pick)
+        self.cluster = is_cluster(client)
+        self.plans = Planner(config, pick=pick, cluster=self.cluster)
         self._scripts = scripts.register(client)
         self.lane = lane
 
@@ -33,15 +33,17 @@ class AsyncStore:
         """An AsyncStore on ``config.redis``; connections open lazily inside the event loop.
 
         ``pipelined`` (default): round trips go through one auto-pipelined Lane;
-        False: through redis.asyncio's connection pool.
+        False: through redis.asyncio's connection pool. A Lane talks to one server, so
+        Sentinel and Cluster deployments always use redis.asyncio's client (it follows
+        failovers and routes slots).
         """
-        lane = Lane.from_config(config) if pipelined else None
+        lane = Lane.from_config(config) if pipelined and topology(config).kind == "single" else None
         return cls(async_client(config), config, lane=lane, **kwargs)
 
     async def aclose(self) -> None:
         if self.lane is not None:
             await self.lane.aclose()
-        await self.client.aclose()
+        await aclose_client(self.client)
 
     async def __aenter__(self) -> AsyncStore:
         return self
@@ -63,7 +65,7 @@ class AsyncStore:
     async def _execute(self, calls: list[Call]) -> list[Any]:
         if len(calls) == 1:
             return [await self._call(calls[0])]
-        if self.lane is not None:  # issued in one loop turn: the Lane pipelines them
+        if self.lane is not None or self.cluster:  # Lane: one loop turn, pipelined; Cluster: per node
             return list(await asyncio.gather(*(self._call(c) for c in calls)))
         pipe = self.client.pipeline(transaction=False)
         for call in calls:
@@ -148,3 +150,8 @@ class AsyncStore:
 
     async def audit(self, since: float | None = None, count: int = 100) -> list[AuditEntry]:
         return await self._run(self.plans.audit(since, count))
+
+    async def note(self, action: str, *, ip: str = "", reason: str = "", who: str = "", queue_id: str = "",
+                   extra: dict[str, Any] | None = None) -> str:
+        return await self._run(self.plans.note(action, ip=ip, reason=reason, who=who, queue_id=queue_id,
+                                               extra=extra))

@@ -18,9 +18,10 @@ _HOLDER_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,48}")
 _TOKEN_RE = re.compile(r"[0-9a-f]{16}")
 _DOMAIN_RE = re.compile(r"(?=.{1,253}$)([a-z0-9_]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z][a-z0-9-]{0,62}\.?")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
-# a recipient as MTAs hand it over (Postfix keeps case and +extension): no whitespace,
-# control characters or braces (the Cluster hash-tag syntax), one "@" with both sides set
-_RECIPIENT_RE = re.compile(r"[^\s\x00-\x1f\x7f{}]{1,200}@[^\s\x00-\x1f\x7f{}@]{1,253}")
+# a recipient as MTAs hand it over (Postfix keeps case and +extension): a local part
+# without whitespace, control characters or braces (the Cluster hash-tag syntax), "@",
+# and a host name (checked with _DOMAIN_RE, case-insensitively)
+_RECIPIENT_RE = re.compile(r"([^\s\x00-\x1f\x7f{}]{1,200})@([^@]{1,253})")
 RECIPIENT_MAX = 254
 PROVIDERS = ("yahoo",)
 REPLY_MAX_BYTES = 512
@@ -84,9 +85,11 @@ def valid_domain(value: object) -> str:
 
 def valid_recipient(value: object) -> str:
     """A recipient address ``local@domain``: at most 254 characters (RFC 5321's path
-    limit), no whitespace, control characters or braces. Kept as given (case, extension):
-    it is a ZSET member that an MTA's queue listing is matched against, never a key."""
-    if not isinstance(value, str) or len(value) > RECIPIENT_MAX or not _RECIPIENT_RE.fullmatch(value):
+    limit), a local part without whitespace, control characters or braces, a host name
+    after the last "@". Kept as given (case, extension): it is a ZSET member that an
+    MTA's queue listing is matched against, never a key."""
+    match = _RECIPIENT_RE.fullmatch(value) if isinstance(value, str) and len(value) <= RECIPIENT_MAX else None
+    if match is None or not _DOMAIN_RE.fullmatch(match[2].lower()):
         raise ValueError(f"not a recipient (local@domain, at most {RECIPIENT_MAX} characters, no spaces, "
                          f"control characters or braces): {_shown(value)}")
     return value
@@ -149,6 +152,7 @@ class IpKeys:
     compl: str
     holds: str
     assigned: str
+    audit: str        # this IP's audit stream: used on Redis Cluster only (one slot per script)
 
     @property
     def acquire(self) -> tuple[str, str]:
@@ -164,20 +168,39 @@ class IpKeys:
 
 
 class KeyScheme:
-    """``<prefix>:{<ip>}:<name>`` per IP; ``<prefix>:<name>`` for the few global keys."""
+    """``<prefix>:{<ip>}:<name>`` per IP; ``<prefix>:<name>`` for the few global keys.
 
-    def __init__(self, prefix: str = "gov") -> None:
+    ``cluster=True`` (Redis Cluster): the keys a script touches together must share a
+    slot, so the audit is written to each IP's own stream ``<p>:{<ip>}:audit`` and the
+    provider record's keys share the tag ``{provider}``. A single Redis (or Sentinel)
+    keeps one stream ``<p>:audit``: one XRANGE reads it in order.
+    """
+
+    def __init__(self, prefix: str = "gov", *, cluster: bool = False) -> None:
         if not isinstance(prefix, str) or not _PREFIX_RE.fullmatch(prefix):
             raise ValueError(f"not a key prefix ([A-Za-z0-9_.-]{{1,32}}): {_shown(prefix)}")
         self.prefix = prefix
-        self.audit = f"{prefix}:audit"
-        self.provider = f"{prefix}:provider"
+        self.cluster = cluster
         self.hold_index = f"{prefix}:holdidx"
         self.assign_rr = f"{prefix}:assign:rr"
+        if cluster:
+            self.provider = f"{prefix}:{{provider}}"
+            self.provider_pauses = f"{prefix}:{{provider}}:pauses"
+            self.audit = f"{prefix}:{{provider}}:audit"
+        else:
+            self.provider = f"{prefix}:provider"
+            self.provider_pauses = f"{prefix}:provider:pauses"
+            self.audit = f"{prefix}:audit"
 
     @lru_cache(maxsize=4096)  # noqa: B019 - one scheme per store, bounded
     def ip(self, ip: str) -> IpKeys:
         """Keys of an IP that valid_ip() already normalised."""
         base = f"{self.prefix}:{{{ip}}}:"
         return IpKeys(*(base + n for n in ("leases", "state", "pauses", "defer", "compl", "holds",
-                                                       "assigned")))
+                                           "assigned", "audit")))
+
+    def audit_for(self, keys: IpKeys | None) -> str:
+        """The stream an action on ``keys`` (None: the provider record) is audited to."""
+        if not self.cluster:
+            return self.audit
+        return keys.audit if keys is not None else self.audit

@@ -35,7 +35,7 @@ from redis.exceptions import BusyLoadingError, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from governor.store.connection import client_options, redis_url
+from governor.store.connection import client_options, redis_url, tls_options
 
 _ERRORS = (("NOSCRIPT", NoScriptError), ("LOADING", BusyLoadingError))
 
@@ -178,7 +178,9 @@ class Lane:
     """See the module docstring. Use from one event loop; ``aclose()`` when done."""
 
     def __init__(self, url: str, *, timeout: float = 0.5, connect_timeout: float = 1.0,
-                 username: str | None = None, password: str | None = None) -> None:
+                 username: str | None = None, password: str | None = None,
+                 ssl_ca_certs: str | None = None, ssl_certfile: str | None = None,
+                 ssl_keyfile: str | None = None) -> None:
         target = parse_url(url)
         self.path: str | None = target.get("path")
         self.host: str | None = target.get("host")
@@ -189,6 +191,7 @@ class Lane:
         self.password = target.get("password") or password
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        self._tls_files = (ssl_ca_certs, ssl_certfile, ssl_keyfile)
         self._conn: _Conn | None = None
         self._connecting: asyncio.Future[_Conn] | None = None
         self._shas: dict[str, str] = {}
@@ -197,7 +200,7 @@ class Lane:
     def from_config(cls, config: Any) -> Lane:
         opts = client_options(config, _NoRetry)
         return cls(redis_url(config), timeout=opts["socket_timeout"], connect_timeout=opts["socket_connect_timeout"],
-                   username=opts.get("username"), password=opts.get("password"))
+                   username=opts.get("username"), password=opts.get("password"), **tls_options(config))
 
     @property
     def where(self) -> str:
@@ -261,7 +264,7 @@ class Lane:
             if self.path is not None:
                 opening = loop.create_unix_connection(factory, self.path)
             else:
-                ctx = ssl.create_default_context() if self.tls else None
+                ctx = self._ssl_context() if self.tls else None
                 opening = loop.create_connection(factory, self.host, self.port, ssl=ctx)
             _, conn = await asyncio.wait_for(opening, self.connect_timeout)
         except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
@@ -280,6 +283,16 @@ class Lane:
             raise
         self._conn = conn
         return conn
+
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        """Verify the server against ``redis.tls.ca_file`` (else the system CAs); present
+        the client certificate when one is configured."""
+        ca, cert, key = self._tls_files
+        ctx = ssl.create_default_context(cafile=ca)
+        if cert:
+            ctx.load_cert_chain(cert, key)
+        return ctx
 
 
 class _ConnectFailed(RedisConnectionError):

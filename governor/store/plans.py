@@ -77,13 +77,15 @@ class _IpPlan:
 class Planner:
     """Everything config-derived the store needs, and the plans for each operation."""
 
-    def __init__(self, config: Any, *, pick: str = "script") -> None:
+    def __init__(self, config: Any, *, pick: str = "script", cluster: bool = False) -> None:
         if pick not in ("script", "sequential"):
             raise ValueError(f"pick must be 'script' or 'sequential', got {pick!r}")
         self.config = config
-        self.keys = KeyScheme(config.redis.prefix)
+        self.cluster = cluster
+        self.keys = KeyScheme(config.redis.prefix, cluster=cluster)
         self.monitor = "1" if config.mode == "monitor" else "0"
-        self.sequential = pick == "sequential"
+        # Redis Cluster: the pool-wide scripts (pick, assign) would cross slots
+        self.sequential = pick == "sequential" or cluster
         self.day_us = _us(DAY * float(getattr(config, "time_scale", 1.0)))
         self.hold_retry_us = _us(config.escalation.max_pause)
         self.maxlen = str(int(config.redis.audit_maxlen))
@@ -343,13 +345,13 @@ class Planner:
         ]
         for a in actions:
             args += _action_args(a)
-        return Call("apply", (*p.keys.record, self.keys.audit), tuple(args))
+        return Call("apply", (*p.keys.record, self.keys.audit_for(p.keys)), tuple(args))
 
     # ------------------------------------------------------------------ admin
     def _admin(self, keys: IpKeys | None, op: str, label: str, seconds: float, reason: str, who: str,
                audit: bool = True) -> Call:
-        state, pauses = (keys.state, keys.pauses) if keys else (self.keys.provider, self.keys.provider + ":pauses")
-        return Call("admin", (state, pauses, self.keys.audit),
+        state, pauses = (keys.state, keys.pauses) if keys else (self.keys.provider, self.keys.provider_pauses)
+        return Call("admin", (state, pauses, self.keys.audit_for(keys)),
                     (op, label, _us(seconds), reason, who, self.maxlen, "1" if audit else "0"))
 
     def _provider_calls(self, op: str, seconds: float, reason: str, who: str) -> list[Call]:
@@ -425,16 +427,40 @@ class Planner:
     def audit(self, since: float | None = None, count: int = 100) -> Plan[list[AuditEntry]]:
         if isinstance(count, bool) or not isinstance(count, int) or not 0 < count <= 100_000:
             raise ValueError(f"count must be an integer in 1..100000, got {count!r}")
-        if since is None:
-            (raw,) = yield [Call(None, command=("XREVRANGE", self.keys.audit, "+", "-", "COUNT", count))]
-            raw = list(reversed(raw or []))
-        else:
+        if since is not None:
             since = float(since)
             if not math.isfinite(since) or since < 0:
                 raise ValueError(f"since must be a Redis-time timestamp, got {since!r}")
+        streams = [self.keys.audit]
+        if self.cluster:  # one stream per IP (and the provider's): read each, merge by time
+            streams += [self.ip(ip).keys.audit for ip in dict.fromkeys(valid_ip(e.ip) for e in self.config.pool)]
+        if since is None:
+            raws = yield [Call(None, command=("XREVRANGE", k, "+", "-", "COUNT", count)) for k in streams]
+        else:
             start = f"{math.floor(since * 1000)}-0"
-            (raw,) = yield [Call(None, command=("XRANGE", self.keys.audit, start, "+", "COUNT", count))]
-        return [_audit_entry(item) for item in raw or []]
+            raws = yield [Call(None, command=("XRANGE", k, start, "+", "COUNT", count)) for k in streams]
+        entries = [_audit_entry(item) for raw in raws for item in raw or []]
+        if len(streams) == 1:
+            return entries[::-1] if since is None else entries
+        entries.sort(key=lambda e: (e.ts, e.id))
+        return entries[-count:] if since is None else entries[:count]
+
+    def note(self, action: str, *, ip: str = "", reason: str = "", who: str = "", queue_id: str = "",
+             extra: dict[str, Any] | None = None) -> Plan[str]:
+        """Append an operator action the Lua scripts do not make (e.g. a paced release) to
+        the audit stream, in the scripts' field layout, stamped with Redis time."""
+        target = valid_ip(ip) if ip not in ("", "provider") else ip
+        fields: list[Any] = ["ip", target, "action", valid_text(action, "action", 64),
+                             "reason", valid_text(reason), "reply", "", "who", valid_text(who, "who", 64),
+                             "queue_id", valid_queue_id(queue_id) if queue_id else ""]
+        for key, value in (extra or {}).items():
+            if key in ("ts", "ip", "action", "reason", "reply", "who", "queue_id"):
+                raise ValueError(f"extra field {key!r} would shadow a standard audit field")
+            fields += [valid_text(key, "field name", 32), valid_text(str(value), key)]
+        (now_raw,) = yield [Call(None, command=("TIME",))]
+        (entry_id,) = yield [Call(None, command=("XADD", self.keys.audit, "MAXLEN", "~", self.maxlen, "*",
+                                                 "ts", f"{redis_time(now_raw):.6f}", *fields))]
+        return s(entry_id)
 
     # ------------------------------------------------------------------ holds
     def _hold_field(self, queue_id: str, mta: str) -> str:

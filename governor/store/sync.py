@@ -5,8 +5,10 @@ import os
 import threading
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+
 from governor.store import scripts
-from governor.store.connection import reject_cluster, sync_client
+from governor.store.connection import close_client, is_cluster, sync_client
 from governor.store.model import Assignment, AuditEntry, Decision, Hold, IpStatus
 from governor.store.plans import Call, Plan, Planner, T, redis_time
 
@@ -26,30 +28,27 @@ class Store:
 
     Thread-safe. acquire/release run on a connection each thread keeps from the shared
     pool (redis-py's per-command pool checkout costs about as much CPU as the round
-    trip itself); everything else uses the pool. ``pick="sequential"`` is the Redis
-    Cluster fallback for acquire(ip=None): try the pool's IPs one by one instead of
-    one multi-slot script.
+    trip itself); everything else uses the pool. ``pick="sequential"`` tries the
+    pool's IPs one by one for acquire(ip=None) instead of one multi-slot script; a
+    RedisCluster client implies it (and per-slot audit streams, see KeyScheme).
     """
 
     def __init__(self, client: Any, config: Any, *, pick: str = "script") -> None:
-        reject_cluster(client)
         self.client = client
         self.config = config
-        self.plans = Planner(config, pick=pick)
+        self.cluster = is_cluster(client)
+        self.plans = Planner(config, pick=pick, cluster=self.cluster)
         self._scripts = scripts.register(client)
         self._local = threading.local()
 
     @classmethod
     def connect(cls, config: Any, **kwargs: Any) -> Store:
-        """A Store on ``config.redis`` (unix://, redis://, rediss://)."""
+        """A Store on ``config.redis``: one Redis, a Sentinel-managed master or a Cluster."""
         return cls(sync_client(config), config, **kwargs)
 
     def close(self) -> None:
-        hot = getattr(self._local, "client", None)
-        if hot is not None:
-            hot.close()
-            self._local.client = None
-        self.client.close()
+        self._drop_hot()
+        close_client(self.client)
 
     def __enter__(self) -> Store:
         return self
@@ -64,11 +63,30 @@ class Store:
         Returned to the pool when the thread ends (the client is garbage-collected);
         rebuilt after fork so parent and child never share a socket.
         """
+        if self.cluster:  # RedisCluster routes per slot; it keeps a connection per node itself
+            return self.client
         local = self._local
         if getattr(local, "generation", -1) != _fork_generation or local.client is None:
             local.client = self.client.client()
             local.generation = _fork_generation
         return local.client
+
+    def _hot_script(self, name: str, call: Call) -> Any:
+        """A hot-path script on this thread's connection. A connection that failed twice
+        (the client's own retry included) is dropped: the next call takes a fresh one from
+        the pool, which asks Sentinel where the master is now (a kept connection would
+        keep dialling the address it first resolved)."""
+        try:
+            return self._scripts[name](call.keys, call.args, self._hot())
+        except RedisConnectionError:
+            self._drop_hot()
+            raise
+
+    def _drop_hot(self) -> None:
+        hot = getattr(self._local, "client", None)
+        if hot is not None and hot is not self.client:
+            self._local.client = None
+            hot.close()
 
     def _call(self, call: Call) -> Any:
         if call.script is None:
@@ -79,6 +97,8 @@ class Store:
         """One round trip: a single call, or a non-transactional pipeline."""
         if len(calls) == 1:
             return [self._call(calls[0])]
+        if self.cluster:  # calls of one step may live on different nodes: one by one (admin paths)
+            return [self._call(c) for c in calls]
         pipe = self.client.pipeline(transaction=False)
         for call in calls:
             if call.script is None:
@@ -107,12 +127,12 @@ class Store:
         call, ctx = self.plans.acquire_call(ip, provider, holder)
         if call is None:
             return self.plans.parse_acquire(ctx, None)
-        return self.plans.parse_acquire(ctx, self._scripts["acquire"](call.keys, call.args, self._hot()))
+        return self.plans.parse_acquire(ctx, self._hot_script("acquire", call))
 
     def release_at(self, lease: str) -> float | None:
         """Release a lease; the Redis time it was released, None if already released/expired."""
         call = self.plans.release_call(lease)
-        return self.plans.parse_release(self._scripts["release"](call.keys, call.args, self._hot()))
+        return self.plans.parse_release(self._hot_script("release", call))
 
     def release(self, lease: str) -> bool:
         """Idempotent; False if the lease was already released or had expired."""
@@ -180,3 +200,8 @@ class Store:
     def audit(self, since: float | None = None, count: int = 100) -> list[AuditEntry]:
         """Audit entries, oldest first: from ``since`` (Redis time), or the latest ``count``."""
         return self._run(self.plans.audit(since, count))
+
+    def note(self, action: str, *, ip: str = "", reason: str = "", who: str = "", queue_id: str = "",
+             extra: dict[str, Any] | None = None) -> str:
+        """Audit an operator action that no store script records (``governor release``)."""
+        return self._run(self.plans.note(action, ip=ip, reason=reason, who=who, queue_id=queue_id, extra=extra))
