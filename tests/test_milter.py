@@ -55,9 +55,26 @@ def store(redis_url: str) -> Iterator[Store]:
     s.close()
 
 
+_OPENED: list[Store] = []
+
+
+def connect(cfg: Any) -> Store:
+    """A Store closed at the end of the test (a MilterPolicy does not own its store)."""
+    s = Store.connect(cfg)
+    _OPENED.append(s)
+    return s
+
+
+@pytest.fixture(autouse=True)
+def _close_stores() -> Iterator[None]:
+    yield
+    while _OPENED:
+        _OPENED.pop().close()
+
+
 def policy_for(store: Store, url: str, extra: str = "", ttl: float = 0.0, **changes: Any) -> MilterPolicy:
     cfg = make_config(url, extra, **changes)
-    return MilterPolicy(cfg, Store.connect(cfg), DomainSet.from_config(cfg), ttl=ttl)
+    return MilterPolicy(cfg, connect(cfg), DomainSet.from_config(cfg), ttl=ttl)
 
 
 GO = (Milter.CONTINUE, Milter.ACCEPT)  # the message goes on (ACCEPT: and needs this milter no more)
@@ -148,7 +165,7 @@ def test_mixed_message_is_accepted_not_held(store: Store, redis_url: str) -> Non
 
 def test_non_yahoo_mail_never_asks_the_store(redis_url: str) -> None:
     cfg = make_config("unix:///nonexistent/redis.sock", redis_down="fail-closed")
-    pol = MilterPolicy(cfg, Store.connect(cfg), ttl=0.0)
+    pol = MilterPolicy(cfg, connect(cfg), ttl=0.0)
     ctx, rc, codes = feed(pol, ["friend@example.org"])
     assert (rc, codes, ctx._reply) == (Milter.CONTINUE, [Milter.CONTINUE], None)  # fail-closed: no early accept
     assert pol.counts["rcpt_governed"] == 0
@@ -178,7 +195,7 @@ def test_provider_pause_and_held_ips_count_as_closed(store: Store, redis_url: st
                                            ("fail-closed", [Milter.TEMPFAIL, Milter.CONTINUE])])
 def test_redis_down_follows_redis_down_setting(mode: str, expected: list[int]) -> None:
     cfg = make_config("unix:///nonexistent/redis.sock", redis_down=mode)
-    pol = MilterPolicy(cfg, Store.connect(cfg), ttl=0.0)
+    pol = MilterPolicy(cfg, connect(cfg), ttl=0.0)
     ctx, rc, codes = feed(pol, ["a@yahoo.com", "friend@example.org"])
     assert codes == expected and rc in GO and ctx.quarantined == []
     if mode == "fail-closed":
