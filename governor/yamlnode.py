@@ -37,7 +37,19 @@ class Problem:
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}"
-        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+        path, message = _printable(self.path), _printable(self.message)
+        if path != path.strip():  # a key such as " ": quoted, or the line reads as garbled
+            path = repr(path)
+        return f"{where}: {path}: {message}" if path else f"{where}: {message}"
+
+
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _printable(text: str) -> str:
+    """Escape control characters (a key such as ``"\\r"`` in a key path): one problem
+    stays one line of output, and nothing reaches the terminal raw."""
+    return _UNPRINTABLE.sub(lambda m: repr(m[0])[1:-1], text)
 
 
 class YamlError(ValueError):
@@ -358,14 +370,23 @@ def parse(text: str, file: str, *, error: type[YamlError] = YamlError) -> tuple[
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
-        raise error([Problem(file, line, "", f"YAML syntax error: {exc.problem or exc}")]) from None
-    except yaml.YAMLError as exc:  # pragma: no cover - non-marked errors are rare
-        raise error([Problem(file, 1, "", f"YAML error: {exc}")]) from None
+        raise error([Problem(file, line, "", f"YAML syntax error: {_one_line(exc.problem or exc)}")]) from None
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow (NUL, most controls)
+        line = text.count("\n", 0, max(exc.position, 0)) + 1
+        what = f"#x{exc.character:04x}" if isinstance(exc.character, int) else repr(exc.character)
+        raise error([Problem(file, line, "", f"YAML error: unacceptable character {what}: {exc.reason}")]) from None
+    except yaml.YAMLError as exc:  # pragma: no cover - other unmarked errors are rare
+        raise error([Problem(file, 1, "", f"YAML error: {_one_line(exc)}")]) from None
     root = Node(node, file, "", problems)
     if node is not None:
         _check_values(root)
         problems.raise_if_any()
     return root, problems
+
+
+def _one_line(value: object) -> str:
+    """An error text on one line: each problem is one ``file:line:`` line."""
+    return " ".join(str(value).split())
 
 
 def load(path: str | os.PathLike[str], file: str | None = None, *,

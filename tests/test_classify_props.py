@@ -1,7 +1,7 @@
 """Property tests for the reply classifier (hypothesis).
 
-About 1000 examples in all by default, so the file runs in a few seconds; the
-``fuzz`` test (run with ``-m fuzz``) tries 10^5 arbitrary replies.
+A few hundred examples per property; the ``fuzz`` tests use the ``governor-fuzz``
+profile (tests/conftest.py): 10^3 examples in every run, 10^5 with ``-m fuzz``.
 """
 
 from __future__ import annotations
@@ -197,16 +197,37 @@ def test_prefilter_never_changes_the_answer(reply: str) -> None:
     assert (rule.code if rule else None) == _naive_match(clf, flat)
 
 
+# --- fuzzing (the ``governor-fuzz`` profile: 10^3 examples in every run, 10^5 with -m fuzz) ---
+
+FUZZ = settings.get_profile("governor-fuzz")
+
+#: mail exchangers that are not Yahoo's, for wrapped non-Yahoo replies
+other_mx = st.sampled_from(["gmail-smtp-in.l.google.com", "hotmail-com.olc.protection.outlook.com",
+                            "mx1.comcast.net", "mx.example.org", "smtp-in.orange.fr"])
+#: noise without brackets: it can never carry a Yahoo bracket token
+noise = st.text(st.characters(blacklist_characters="[]"), max_size=60)
+
+
 @pytest.mark.fuzz
-def test_fuzz_many_arbitrary_replies(request: pytest.FixtureRequest) -> None:
-    if "fuzz" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("long fuzzing run: select it with -m fuzz")
+@FUZZ
+@given(st.one_of(st.text(max_size=2000), st.lists(fragments, max_size=60).map(" ".join),
+                 st.binary(max_size=600).map(lambda b: b.decode("utf-8", "surrogateescape"))))
+def test_fuzz_arbitrary_replies(reply: str) -> None:
+    """Never an exception; a bracket code only when its token is in the text."""
+    result = classify(reply)
+    assert isinstance(result, Classification)
+    if is_bracket_code(result.code):
+        assert f"[{result.code}]".lower() in reply.lower()
 
-    @settings(max_examples=100_000, deadline=None, database=None)
-    @given(st.one_of(st.text(max_size=2000), st.lists(fragments, max_size=60).map(" ".join)))
-    def run(reply: str) -> None:
-        result = classify(reply)
-        if is_bracket_code(result.code):
-            assert f"[{result.code}]".lower() in reply.lower()
 
-    run()
+@pytest.mark.fuzz
+@FUZZ
+@given(st.sampled_from(NON_YAHOO_TEMPLATES), any_ip, st.sampled_from(WRAPPERS), other_mx, any_ip, address,
+       noise, noise)
+def test_fuzz_non_yahoo_replies_never_get_a_yahoo_code(
+    template: str, ip: str, wrapper: tuple[str, str], host: str, host_ip: str, addr: str, before: str, after: str
+) -> None:
+    """Other providers' replies, in noise, bare or wrapped as from their own MX: no code at all."""
+    reply = before + template.format(ip=ip) + after
+    assert classify(reply).code is None
+    assert classify(_wrap(wrapper[0], reply, host, host_ip, addr)).code is None

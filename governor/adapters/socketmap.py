@@ -56,9 +56,9 @@ def encode(payload: str | bytes) -> bytes:
 class NetstringReader:
     """Incremental netstring decoder: ``feed(data)`` returns the complete payloads.
 
-    Strict: the length is 1-6 ASCII digits, at most ``limit``, and the payload must be
-    followed by ``,``; anything else raises NetstringError (and the reader is then
-    useless: the caller drops the connection).
+    Strict: the length is 1-6 ASCII digits without leading zeros, at most ``limit``,
+    and the payload must be followed by ``,``; anything else raises NetstringError
+    (and the reader is then useless: the caller drops the connection).
     """
 
     def __init__(self, limit: int = MAX_NETSTRING) -> None:
@@ -77,8 +77,8 @@ class NetstringReader:
                     raise NetstringError("netstring length is not 1-%d digits and ':'" % self.digits)
                 break
             head = bytes(buf[:colon])
-            if not head.isdigit():
-                raise NetstringError("netstring length is not a number")
+            if not head.isdigit() or (head[0] == 0x30 and len(head) > 1):  # "0" yes, "01" no
+                raise NetstringError("netstring length is not a number without leading zeros")
             size = int(head)
             if size > self.limit:
                 raise NetstringError(f"netstring longer than {self.limit} bytes")
