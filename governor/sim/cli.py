@@ -97,13 +97,17 @@ PENALTY AND ESCALATION
 CONTROL PROTOCOL (--control; one command per line, one JSON line back)
   ping | stats | summary | settings | reset | reset-ip IP | set KEY VALUE
   cold IP | warm IP | block IP | unblock IP | limit IP KEY VALUE | unlimit IP
-  dump PATH | help | quit
+  fault KIND [EVERY] | fault none | dump PATH | help | quit
   "stats" has everything incl. accept timestamps; "summary" omits them.
   "reset" forgets all counters and standings (settings, cold and blocked
   lists stay); "reset-ip" releases one IP (penalty, violations, TS02/TS03)
   and keeps its counters. "set" changes a limit at run time, e.g.
   "set max_rate 300"; "limit IP max_rate 10" gives one IP its own
   max_conn, max_rate or max_per_conn ("unlimit IP" drops them).
+  "fault drop-data 3" cuts every 3rd session after its message data, before
+  the reply; "garbage-data" / "garbage-greeting" answer a non-SMTP line
+  instead of the end-of-DATA reply / the greeting. Faulted messages are not
+  counted; "fault none" ends it.
   Example: echo summary | nc -U /run/sim.sock
 
 \b

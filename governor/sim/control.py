@@ -18,6 +18,9 @@ Commands (IP arguments accept IPv4 and IPv6)::
     block IP | unblock IP→ TS03 at connect for IP / lift that
     limit IP KEY VALUE   → per-IP max_conn, max_rate or max_per_conn for IP
     unlimit IP           → drop IP's own limits (the global settings apply again)
+    fault KIND [EVERY]   → misbehave on every EVERY-th event (default 1): drop-data,
+                           garbage-data or garbage-greeting (see state.FAULT_KINDS)
+    fault none           → behave again
     dump PATH            → write the full stats JSON to PATH
     help                 → the list of commands
     quit                 → close this control connection
@@ -35,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from governor.sim.settings import RUNTIME_KEYS, Endpoint, SettingsError, coerce, normalize_ip
-from governor.sim.state import IP_LIMIT_KEYS
+from governor.sim.state import FAULT_KINDS, IP_LIMIT_KEYS
 
 if TYPE_CHECKING:
     from governor.sim.server import Simulator
@@ -44,6 +47,7 @@ MAX_LINE = 65536
 
 COMMANDS = ("ping", "stats", "summary", "settings", "reset", "reset-ip IP", "set KEY VALUE",
             "cold IP", "warm IP", "block IP", "unblock IP", "limit IP KEY VALUE", "unlimit IP",
+            "fault KIND [EVERY]", "fault none",
             "dump PATH", "help", "quit")
 
 
@@ -144,6 +148,22 @@ def _unlimit(sim: Simulator, rest: str) -> dict[str, Any]:
     return {"ip": ip}
 
 
+def _fault(sim: Simulator, rest: str) -> dict[str, Any]:
+    parts = rest.split()
+    if not parts or len(parts) > 2 or (parts[0] == "none" and len(parts) > 1):
+        raise ControlError(f"usage: fault KIND [EVERY] | fault none (KIND: {', '.join(FAULT_KINDS)})")
+    if parts[0] == "none":
+        sim.state.set_fault(None)
+        return {"fault": None}
+    if parts[0] not in FAULT_KINDS:
+        raise ControlError(f"unknown fault {parts[0]!r}; one of: {', '.join(FAULT_KINDS)}, none")
+    every = parts[1] if len(parts) == 2 else "1"
+    if not every.isdigit() or int(every) < 1:
+        raise ControlError(f"fault EVERY must be a whole number >= 1, got {every!r}")
+    sim.state.set_fault(parts[0], int(every))
+    return {"fault": {"kind": parts[0], "every": int(every)}}
+
+
 def _marker(method: str, flag: bool) -> Callable[[Simulator, str], dict[str, Any]]:
     def run(sim: Simulator, rest: str) -> dict[str, Any]:
         ip = _ip(rest)
@@ -168,7 +188,7 @@ _VERBS: dict[str, Callable[[Simulator, str], dict[str, Any]]] = {
     "reset": _reset, "reset-ip": _reset_ip, "set": _set,
     "cold": _marker("set_cold", True), "warm": _marker("set_cold", False),
     "block": _marker("set_blocked", True), "unblock": _marker("set_blocked", False),
-    "limit": _limit, "unlimit": _unlimit, "dump": _dump, "help": _help,
+    "limit": _limit, "unlimit": _unlimit, "fault": _fault, "dump": _dump, "help": _help,
 }
 
 

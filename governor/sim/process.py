@@ -89,6 +89,11 @@ class _Controlled:
     def unlimit(self, ip: str) -> None:
         self._ok(f"unlimit {ip}")
 
+    def fault(self, kind: str | None, every: int = 1) -> None:
+        """Misbehave on every ``every``-th event (``drop-data``, ``garbage-data``,
+        ``garbage-greeting``); None: behave again."""
+        self._ok("fault none" if kind is None else f"fault {kind} {every}")
+
     def dump(self, path: str | os.PathLike[str]) -> Path:
         return Path(self._ok(f"dump {os.fspath(path)}")["path"])
 

@@ -28,7 +28,7 @@ from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 from governor.sim import replies
 from governor.sim.replies import IP_KINDS, Reply
 from governor.sim.settings import Endpoint, Settings, normalize_ip
-from governor.sim.state import Conn, SimState
+from governor.sim.state import GARBAGE, Conn, SimState
 
 log = logging.getLogger("governor.sim")
 
@@ -162,6 +162,9 @@ class YahooHandler(_BaseHandler):
         server.conn = conn
         if reply is not None:
             self._log(server, reply, "connect")
+        elif self.state.take_fault("garbage-greeting"):
+            reply = Reply("garbage", GARBAGE, True)
+            log.info("%s via %s at connect: fault garbage-greeting", server.peer_ip, server.listener)
         return reply
 
     def disconnected(self, server: SimSMTP) -> None:
@@ -187,10 +190,28 @@ class YahooHandler(_BaseHandler):
 
     async def handle_DATA(self, server: SimSMTP, session: Session, envelope: Envelope) -> str:
         assert server.conn is not None
+        fault = self._data_fault(server)
+        if fault is not None:
+            return fault
         self.state.data(server.conn, len(envelope.rcpt_tos))
         if self.sim.closing:
             server.hang_up_after_reply()
         return replies.ACCEPTED
+
+    def _data_fault(self, server: SimSMTP) -> str | None:
+        """An injected end-of-DATA fault: the message is not accepted, the session ends.
+        ``drop-data`` aborts the connection (the reply written after it goes nowhere)."""
+        assert server.conn is not None
+        for kind in ("drop-data", "garbage-data"):
+            if self.state.take_fault(kind):
+                self.state.rset(server.conn)
+                log.info("%s via %s at data: fault %s", server.peer_ip, server.listener, kind)
+                if kind == "drop-data":
+                    server.abort()
+                    return replies.ACCEPTED
+                server.hang_up_after_reply()
+                return GARBAGE
+        return None
 
     def _answer(self, server: SimSMTP, reply: Reply | None, stage: str) -> Any:
         if reply is None:

@@ -30,6 +30,10 @@ Model (one view per sending IP, shared by all simulated MX hosts):
 * **Per-IP overrides** — ``limit IP KEY VALUE`` gives one sending IP its own
   ``max_conn``, ``max_rate`` or ``max_per_conn`` (Yahoo's tolerance differs per IP);
   ``unlimit IP`` drops them. Tests use it to make one IP of a pool hit TSS04.
+* **Faults** — ``fault KIND [EVERY]`` makes every EVERY-th session event of that
+  kind misbehave the way broken MXes and networks do (see :data:`FAULT_KINDS`);
+  the message is then *not* accepted (not counted), so the sender must retry it.
+  Fault tests use it to prove that an MTA's retry delivers everything exactly once.
 """
 from __future__ import annotations
 
@@ -49,6 +53,13 @@ Clock = Callable[[], float]
 
 OK = "ok"
 IP_LIMIT_KEYS = ("max_conn", "max_rate", "max_per_conn")
+
+#: ``drop-data``: the connection is cut after the message data arrived, before the
+#: end-of-DATA reply (the sender cannot know whether it was taken);
+#: ``garbage-data``: a line that is no SMTP reply instead of the end-of-DATA reply,
+#: then hang up; ``garbage-greeting``: such a line instead of the 220 greeting.
+FAULT_KINDS = ("drop-data", "garbage-data", "garbage-greeting")
+GARBAGE = "x\x01?! <html>502 Bad Gateway</html> \x7f"
 
 
 @dataclass
@@ -119,6 +130,9 @@ class SimState:
         self.concurrency_hwm = 0
         self.sink: dict[str, SinkRecord] = {}
         self.ip_limits: dict[str, dict[str, int]] = {}
+        self.fault: tuple[str, int] | None = None   # (kind, every)
+        self._fault_seen = 0
+        self.faults: dict[str, int] = dict.fromkeys(FAULT_KINDS, 0)
 
     # -- settings -------------------------------------------------------------------
 
@@ -237,6 +251,7 @@ class SimState:
         """
         self._records.clear()
         self.sink.clear()
+        self.faults = dict.fromkeys(FAULT_KINDS, 0)
         self.started_at = self.clock()
         self.open = self.concurrency_hwm = 0
         for conn in self._live:
@@ -282,6 +297,27 @@ class SimState:
     def set_blocked(self, ip: str, blocked: bool = True) -> None:
         (self.blocked.add if blocked else self.blocked.discard)(normalize_ip(ip))
 
+    def set_fault(self, kind: str | None, every: int = 1) -> None:
+        """Inject ``kind`` on every ``every``-th matching event (None: no faults)."""
+        if kind is None:
+            self.fault = None
+            return
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"fault must be one of {', '.join(FAULT_KINDS)} or none, got {kind!r}")
+        if every < 1:
+            raise ValueError(f"fault EVERY must be >= 1, got {every}")
+        self.fault, self._fault_seen = (kind, every), 0
+
+    def take_fault(self, kind: str) -> bool:
+        """The SMTP layer asks at each event that ``kind`` could hit; True: misbehave now."""
+        if self.fault is None or self.fault[0] != kind:
+            return False
+        self._fault_seen += 1
+        if self._fault_seen % self.fault[1]:
+            return False
+        self.faults[kind] += 1
+        return True
+
     # -- stats ----------------------------------------------------------------------------
 
     def stats(self, include_times: bool = True) -> dict[str, Any]:
@@ -314,6 +350,8 @@ class SimState:
             "cold": sorted(self.cold),
             "blocked": sorted(self.blocked),
             "sink": {"total": sink_total, "ips": sink_ips},
+            "fault": {"kind": self.fault[0], "every": self.fault[1]} if self.fault else None,
+            "faults": dict(self.faults),
         }
 
     def _ip_stats(self, rec: IpRecord, now: float, include_times: bool) -> dict[str, Any]:
