@@ -13,27 +13,15 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import redis
 
+from governor.lab import wait_for  # noqa: F401  (re-exported for the fault tests)
 from governor.redisproc import RedisProc
-
-
-# --------------------------------------------------------------------------- waiting
-def wait_for(what: str, cond: Callable[[], Any], timeout: float, tick: float = 0.1) -> Any:
-    """Poll ``cond`` until it is truthy (its value is returned) or fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout}s")
-        time.sleep(tick)
 
 
 # --------------------------------------------------------------------------- outcome

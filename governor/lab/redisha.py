@@ -33,7 +33,7 @@ from typing import Any
 
 import redis
 
-from governor.redisproc import RedisProc, RedisProcError, free_port
+from governor.redisproc import RedisProc, RedisProcError, free_port, terminate
 
 MASTER = "mymaster"
 
@@ -259,13 +259,7 @@ class SentinelProc:
         return _client(self.port, password=self.password)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc)
         self.proc = None
 
 

@@ -160,52 +160,41 @@ def _cluster_options(config: Any, topo: Topology) -> dict[str, Any]:
     }
 
 
-def sync_client(config: Any) -> Any:
-    """A redis.Redis (single or Sentinel-managed master) or a redis.cluster.RedisCluster."""
-    import redis
-    from redis.retry import Retry
-
+def _client(config: Any, redis_cls: type, cluster_mod: Any, sentinel_cls: type, retry_cls: type) -> Any:
+    """One builder for both flavours: redis-py's sync and asyncio APIs have the same shape."""
     topo = topology(config)
     if topo.kind == "cluster":
-        from redis.cluster import ClusterNode, RedisCluster
-
         assert topo.cluster is not None
-        nodes = [ClusterNode(h, p) for h, p in topo.cluster.nodes]
-        return RedisCluster(startup_nodes=nodes, **_cluster_options(config, topo))
-    opts = client_options(config, Retry)
+        nodes = [cluster_mod.ClusterNode(h, p) for h, p in topo.cluster.nodes]
+        return cluster_mod.RedisCluster(startup_nodes=nodes, **_cluster_options(config, topo))
+    opts = client_options(config, retry_cls)
     if topo.kind == "sentinel":
-        from redis.sentinel import Sentinel
-
         assert topo.sentinel is not None
-        sentinel = Sentinel(list(topo.sentinel.nodes), sentinel_kwargs=_sentinel_kwargs(config, topo))
+        sentinel = sentinel_cls(list(topo.sentinel.nodes), sentinel_kwargs=_sentinel_kwargs(config, topo))
         return sentinel.master_for(topo.sentinel.master, db=topo.sentinel.db, **opts, **_tls_for_nodes(config, topo))
     if topo.url.startswith("rediss://"):
         opts.update(tls_options(config))
-    return redis.Redis.from_url(topo.url, **opts)
+    return redis_cls.from_url(topo.url, **opts)
+
+
+def sync_client(config: Any) -> Any:
+    """A redis.Redis (single or Sentinel-managed master) or a redis.cluster.RedisCluster."""
+    import redis
+    import redis.cluster
+    from redis.retry import Retry
+    from redis.sentinel import Sentinel
+
+    return _client(config, redis.Redis, redis.cluster, Sentinel, Retry)
 
 
 def async_client(config: Any) -> Any:
     """The redis.asyncio twin of :func:`sync_client`."""
     import redis.asyncio
+    import redis.asyncio.cluster
     from redis.asyncio.retry import Retry
+    from redis.asyncio.sentinel import Sentinel
 
-    topo = topology(config)
-    if topo.kind == "cluster":
-        from redis.asyncio.cluster import ClusterNode, RedisCluster
-
-        assert topo.cluster is not None
-        nodes = [ClusterNode(h, p) for h, p in topo.cluster.nodes]
-        return RedisCluster(startup_nodes=nodes, **_cluster_options(config, topo))
-    opts = client_options(config, Retry)
-    if topo.kind == "sentinel":
-        from redis.asyncio.sentinel import Sentinel
-
-        assert topo.sentinel is not None
-        sentinel = Sentinel(list(topo.sentinel.nodes), sentinel_kwargs=_sentinel_kwargs(config, topo))
-        return sentinel.master_for(topo.sentinel.master, db=topo.sentinel.db, **opts, **_tls_for_nodes(config, topo))
-    if topo.url.startswith("rediss://"):
-        opts.update(tls_options(config))
-    return redis.asyncio.Redis.from_url(topo.url, **opts)
+    return _client(config, redis.asyncio.Redis, redis.asyncio.cluster, Sentinel, Retry)
 
 
 def _sentinels(client: Any) -> list[Any]:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from governor.demo import POOL, PostfixLab, inject, postfix_lab_problem, yahoo_recipients
+from governor.lab import wait_for
 
 PROBLEM = postfix_lab_problem(standin=os.environ.get("GOVERNOR_E2E_STANDIN") == "1")
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(PROBLEM is not None, reason=PROBLEM or "")]
@@ -54,15 +55,6 @@ def test_polite_drain_600_messages_over_four_ips(lab_factory: LabFactory) -> Non
     queue_empty(lab)
 
 
-def wait_for(what: str, cond: Callable[[], Any], timeout: float, tick: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout}s")
-        time.sleep(tick)
 
 
 def status_of(store: Any, ip: str) -> Any:
