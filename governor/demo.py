@@ -95,7 +95,8 @@ def governor_argv(*args: str) -> list[str]:
 
 def governor_yaml(*, redis_url: str, workdir: Path, nexthop: str, postfix_dir: Path, pool: Sequence[str] = POOL,
                   redis_down: str = "fail-open", holds_action: str = "hold", time_scale: float = 0.001,
-                  rate: float = 300, concurrency: int = 5, extra: str = "") -> str:
+                  rate: float = 300, concurrency: int = 5, extra: str = "",
+                  domains: str = "{dns: false}") -> str:
     """governor.yaml for a lab: loopback egress IPs, sockets in ``workdir``, Yahoo's hours
     in seconds (``time_scale``), no DNS (the domain list decides)."""
     gov = workdir / "gov"
@@ -107,7 +108,7 @@ def governor_yaml(*, redis_url: str, workdir: Path, nexthop: str, postfix_dir: P
         f"pool:\n{ips}\n"
         f"limits: {{per_ip: {{concurrency: {concurrency}, messages_per_minute: {rate}, burst: 0, "
         f"messages_per_connection: 20}}}}\n"
-        f"domains: {{dns: false}}\n"
+        f"domains: {domains}\n"
         f"holds: {{action: {holds_action}}}\n"
         f"sockets: {{socketmap: 'unix:{gov}/socketmap.sock', milter: 'unix:{gov}/milter.sock', "
         f"exim: '{gov}/exim.sock', group: postfix, mode: '0660'}}\n"
@@ -224,6 +225,9 @@ class LabOptions:
     agent: bool = True
     extra_yaml: str = ""
     postfix_main: dict[str, str] = field(default_factory=dict)
+    sim_extra: dict[str, Any] = field(default_factory=dict)         # more simulator settings (rate_window …)
+    transport_qmgr: dict[str, str] = field(default_factory=dict)    # plain runs: per-IP transport qmgr settings
+    domains_yaml: str = "{dns: false}"                               # governor.yaml's domains: mapping
 
 
 class PostfixLab:
@@ -248,7 +252,7 @@ class PostfixLab:
             self.sim = SimProcess(ephemeral_settings(
                 sink=(Endpoint("127.0.0.1", 0),), max_conn=self.opts.sim_conn, max_rate=self.opts.sim_rate,
                 penalty=self.opts.sim_penalty, ts02_after=self.opts.sim_ts02_after,
-                ts03_after=self.opts.sim_ts03_after)).start()
+                ts03_after=self.opts.sim_ts03_after, **self.opts.sim_extra)).start()
             self._write_config()
             if self.opts.governed:
                 self.start_serve()
@@ -273,7 +277,7 @@ class PostfixLab:
             redis_url=self.redis.url, workdir=self.workdir, nexthop=self.nexthop,
             postfix_dir=self.workdir / "pf" / "etc", redis_down=self.opts.redis_down,
             holds_action=self.opts.holds_action, time_scale=self.opts.time_scale, rate=self.opts.rate,
-            concurrency=self.opts.concurrency, extra=self.opts.extra_yaml))
+            concurrency=self.opts.concurrency, extra=self.opts.extra_yaml, domains=self.opts.domains_yaml))
         self.cfg = load_config(self.config_path)
 
     def _postfix(self) -> PostfixInstance:
@@ -283,7 +287,8 @@ class PostfixLab:
         pf = PostfixInstance(self.workdir / "pf", main_cf=main_cf)
         names = []
         for i, ip in enumerate(POOL):
-            names.append(pf.add_smtp_transport(f"yahoo-ip{i + 1}", bind_address=ip))
+            names.append(pf.add_smtp_transport(f"yahoo-ip{i + 1}", bind_address=ip,
+                                               qmgr=self.opts.transport_qmgr or None))
         pf.postconf(transport_maps="randmap:{" + ",".join(f"{n}:{self.nexthop}" for n in names) + "}")
         return pf
 
