@@ -148,11 +148,16 @@ def leases_left(proc: RedisProc, prefix: str, ips: Iterable[str]) -> int:
     (acquire.lua purges them only then); they bind nothing: see :func:`stale_leases`."""
     c = client(proc)
     try:
-        sec, usec = c.time()
-        now = sec * 1_000_000 + usec
-        return sum(c.zcount(f"{prefix}:{{{ip}}}:leases", f"({now}", "+inf") for ip in ips)
+        return leases_in_force(c, prefix, ips)
     finally:
         c.close()
+
+
+def leases_in_force(c: Any, prefix: str, ips: Iterable[str]) -> int:
+    """:func:`leases_left` on any client (a Sentinel master or a cluster client too)."""
+    sec, usec = c.time()
+    now = int(sec) * 1_000_000 + int(usec)
+    return sum(c.zcount(f"{prefix}:{{{ip}}}:leases", f"({now}", "+inf") for ip in ips)
 
 
 def stale_leases(proc: RedisProc, prefix: str, ips: Iterable[str]) -> int:
