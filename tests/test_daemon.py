@@ -26,6 +26,7 @@ import pytest
 from governor import logsetup
 from governor.config import Config, load_config_text
 from governor.daemon import DaemonError, SocketSpec, ThreadedDaemon, bind_unix
+from governor.lab import readsocket
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVE = "import governor.cli.serve_cmd; from governor.cli import main; main(prog_name='governor')"
@@ -54,16 +55,7 @@ def make_config(url: str, sockdir: str, sockets: str = "") -> Config:
     return dataclasses.replace(cfg, redis=dataclasses.replace(cfg.redis, url=url))
 
 
-def ask(path: str, line: str, timeout: float = 10) -> str:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        s.sendall(line.encode() + b"\n")
-        s.shutdown(socket.SHUT_WR)
-        out = b""
-        while chunk := s.recv(4096):
-            out += chunk
-    return out.decode()
+ask = readsocket
 
 
 def connect_as(path: str, uid: int, gid: int, groups: list[int]) -> int:

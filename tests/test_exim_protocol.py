@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from governor.adapters.exim_socket import LeaseBook, Refused, parse
 from governor.config import Config, load_config_text
 from governor.daemon import ThreadedDaemon
+from governor.lab import readsocket
 from governor.policy import Action
 from governor.redisproc import RedisProc
 from governor.store import Store
@@ -57,18 +58,7 @@ def make_config(url: str, sockdir: str, text: str = POOL + HIGH, **changes: Any)
     return dataclasses.replace(cfg, redis=dataclasses.replace(cfg.redis, url=url), **changes)
 
 
-def ask(path: str, line: bytes | str, *, newline: bool = True, timeout: float = 10.0) -> str:
-    """What Exim's ${readsocket} does: connect, write, half-close, read to EOF."""
-    data = line.encode() if isinstance(line, str) else line
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        s.sendall(data + (b"\n" if newline else b""))
-        s.shutdown(socket.SHUT_WR)
-        out = b""
-        while chunk := s.recv(4096):
-            out += chunk
-    return out.decode()
+ask = readsocket
 
 
 @pytest.fixture

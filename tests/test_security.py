@@ -16,6 +16,7 @@ a running ``governor milter`` process and a real redis-server.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import grp
 import io
 import os
@@ -40,6 +41,7 @@ from Milter import testctx
 
 from governor.adapters.milter import MilterPolicy, make_factory
 from governor.adapters.socketmap import NetstringReader, encode
+from governor.lab import readsocket
 from governor.config import load_config_text
 from governor.domains import DomainSet
 from governor.redisproc import RedisProc
@@ -68,17 +70,7 @@ def connect_as_nobody(path: str, group: str) -> int:
     return subprocess.run(argv, timeout=30, capture_output=True).returncode
 
 
-def ask(path: str, line: bytes, *, newline: bool = True, timeout: float = 10.0) -> str:
-    """What Exim's ${readsocket} does: connect, write, half-close, read to EOF."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        s.sendall(line + (b"\n" if newline else b""))
-        s.shutdown(socket.SHUT_WR)
-        out = b""
-        while chunk := s.recv(4096):
-            out += chunk
-    return out.decode("utf-8", "replace")
+ask = functools.partial(readsocket, errors="replace")  # hostile input may echo bytes
 
 
 class Socketmap:

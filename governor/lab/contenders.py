@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from governor.demo import Child, LabOptions, PostfixLab, governor_argv, inject
+from governor.lab import readsocket
 
 POOL = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
 YAHOO_DOMAINS = ("yahoo.com", "aol.com", "att.net", "ymail.com", "sbcglobal.net")
@@ -222,14 +223,8 @@ def exim_governor_yaml(redis_url: str, sock: Path, timing: Timing) -> str:
 
 
 def _exim_answers(sock: Path) -> bool:
-    import socket
-
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(2)
-        s.connect(str(sock))
-        s.sendall(b"held yahoo.com\n")
-        s.shutdown(socket.SHUT_WR)
-        return s.recv(64).startswith(b"OK")
+    with contextlib.suppress(OSError):
+        return readsocket(sock, "held yahoo.com", timeout=2).startswith("OK")
     return False
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import pytest
 from governor.config import Config, load_config_text
 from governor.demo import Child, governor_argv
 from governor.exim_setup import setup_from_config
+from governor.lab import readsocket
 from governor.lab.exim import EximConfig, EximInstance, GovernedEximConfig, lab_unavailable
 from governor.redisproc import RedisProc
 from governor.sim.process import SimProcess
@@ -87,17 +87,7 @@ def answers(sock: Path) -> bool:
     return False
 
 
-def ask(sock: Path, line: str, timeout: float = 10.0) -> str:
-    """One request the way ${readsocket} makes it: write, half-close, read to EOF."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(str(sock))
-        s.sendall(line.encode() + b"\n")
-        s.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := s.recv(4096):
-            chunks.append(chunk)
-    return b"".join(chunks).decode()
+ask = readsocket
 
 
 @dataclass
