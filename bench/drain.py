@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--contenders", default=",".join(NAMES), help=f"comma list of {', '.join(NAMES)}")
     ap.add_argument("--time-limit", type=float, help="seconds per contender (default 2.5 x ideal + 30)")
     ap.add_argument("--rate-scale", type=float, default=Timing.rate_scale,
-                    help="Yahoo minute = 60/RATE_SCALE seconds (default 3)")
+                    help="Yahoo minute = 60/RATE_SCALE seconds (default %(default)g)")
     ap.add_argument("--out", help="JSON path (default bench/results/drain.json, drain_ts03.json)")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)

@@ -196,6 +196,7 @@ class Limits:
     burst: int = 0
     messages_per_connection: int = 20
     lease_ttl: float = 300.0
+    postfix_headroom: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -533,7 +534,7 @@ def _read_limits(n: Node) -> Limits:
     d = Limits()
     top = n.mapping(["per_ip"])
     m = _get(top, "per_ip").mapping(["concurrency", "messages_per_minute", "burst",
-                                     "messages_per_connection", "lease_ttl"])
+                                     "messages_per_connection", "lease_ttl", "postfix_headroom"])
     return Limits(
         concurrency=_get(m, "concurrency").integer(d.concurrency, minimum=1, maximum=1000) or d.concurrency,
         messages_per_minute=_get(m, "messages_per_minute").number(d.messages_per_minute, positive=True)
@@ -542,6 +543,8 @@ def _read_limits(n: Node) -> Limits:
         messages_per_connection=_get(m, "messages_per_connection").integer(d.messages_per_connection, minimum=1,
                                                                            maximum=1000) or d.messages_per_connection,
         lease_ttl=_get(m, "lease_ttl").duration(d.lease_ttl, positive=True) or d.lease_ttl,
+        postfix_headroom=_or(_get(m, "postfix_headroom").number(d.postfix_headroom, minimum=0, maximum=0.5),
+                             d.postfix_headroom),
     )
 
 

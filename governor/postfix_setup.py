@@ -5,7 +5,7 @@ docs/postfix.md):
 
 * **Slot transports pace each egress IP.** Postfix cannot pace a source IP, but
   ``<transport>_transport_rate_delay`` serialises and spaces one transport. Each
-  egress IP gets ``slot_plan(concurrency, messages_per_minute).slots`` clones of
+  egress IP gets ``limits_plan(limits).slots`` (see governor.transports) clones of
   smtp (``maxproc`` 1, bound to the IP), each one delivery every ``delay`` seconds.
   The delay is a main.cf parameter: qmgr reads it there, never from ``-o``.
 * **Queue-time assignment.** qmgr resolves a recipient when the message becomes
@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from governor.config import Config, EgressIP
-from governor.transports import SlotPlan, slot_plan, slot_transport
+from governor.transports import SlotPlan, limits_plan, slot_transport
 
 TRANSPORT_MAP = "transport"
 STATUS_MAP_PREFIX = "status-"
@@ -116,8 +116,7 @@ class Slot:
 
 
 def egress_plan(cfg: Config, egress: EgressIP) -> SlotPlan:
-    lim = cfg.limits_for(egress.ip)
-    return slot_plan(lim.concurrency, lim.messages_per_minute)
+    return limits_plan(cfg.limits_for(egress.ip))
 
 
 def slots(cfg: Config) -> list[Slot]:
@@ -254,6 +253,16 @@ def split_postfix_list(value: str) -> list[str]:
     return items
 
 
+def headroom_note(cfg: Config, egress: EgressIP) -> str:
+    """A warning when an IP's plan leaves Postfix's whole-second timer jitter no room."""
+    plan, rate = egress_plan(cfg, egress), cfg.limits_for(egress.ip).messages_per_minute
+    if plan.worst_minute <= rate:
+        return ""
+    return (f"{egress.name}: {plan.slots} slots x {plan.delay}s = {plan.per_minute:g}/min of {rate:g}/min; "
+            f"whole-second timers can let one minute see {plan.worst_minute} when delivery is fast. "
+            "limits.per_ip.postfix_headroom (e.g. 0.05) keeps a margin")
+
+
 def build_plan(cfg: Config, *, existing_transport_maps: str = "", existing_milters: str = "",
                smtpd_chrooted: bool = False, queue_directory: str = "/var/spool/postfix") -> PostfixPlan:
     """Everything Postfix needs for ``cfg``'s pool; raises SetupError when it cannot be done."""
@@ -271,7 +280,7 @@ def build_plan(cfg: Config, *, existing_transport_maps: str = "", existing_milte
     resolver = MasterEntry(RESOLVER_SERVICE, "unix", "-", "-", "n", "-", "-", "trivial-rewrite",
                            (("syslog_name", f"postfix/{RESOLVER_SERVICE}"),
                             ("transport_maps", maps.replace(" ", ""))))
-    notes = []
+    notes = [note for egress in cfg.pool if egress.enabled and (note := headroom_note(cfg, egress))]
     if cfg.postfix.nexthop == "":
         notes.append("nexthop is empty: slot transports deliver to the recipient domain's MX")
     return PostfixPlan(

@@ -7,7 +7,14 @@ end of the previous delivery) serialises the transport and spaces its deliveries
 transports, clones of smtp bound to that IP, each delivering one message every
 ``d`` seconds: at most ``k`` connections and ``k × 60 / d`` messages a minute from
 that IP. :func:`slot_plan` picks the ``k ≤ concurrency`` and whole-second ``d``
-that come closest to the configured rate without exceeding it.
+that come closest to the configured rate without exceeding it, less the
+``limits.per_ip.postfix_headroom`` share an operator keeps free.
+
+Why headroom: qmgr's timers tick in whole seconds, so a slot may deliver once
+early, and any window of Yahoo's minute can then see up to one delivery per slot
+more than the plan's rate (:attr:`SlotPlan.worst_minute`). Real delivery time,
+which Postfix adds to every delay, usually absorbs that; on a fast path at a
+plan of exactly 100 % it does not, and Yahoo answers TSS04.
 
 Exim uses one transport per IP (``transport_name``); the governor daemon paces it.
 The governor's transport map hands out slots of IPs that may send (fewer slots
@@ -18,6 +25,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from governor.config import Limits
 
 MAX_SLOT_RATE = 60.0  # one message per second per slot: Postfix's finest rate delay
 
@@ -33,16 +44,25 @@ class SlotPlan:
     def per_minute(self) -> float:
         return self.slots * 60.0 / self.delay
 
+    @property
+    def worst_minute(self) -> int:
+        """Most deliveries one 60 s window can see: each slot may fire once early."""
+        return self.slots * (math.floor(60 / self.delay) + 1)
 
-def slot_plan(concurrency: int, messages_per_minute: float) -> SlotPlan:
+
+def slot_plan(concurrency: int, messages_per_minute: float, headroom: float = 0.0) -> SlotPlan:
     """The slot count and whole-second delay closest to the rate without exceeding it.
 
     With concurrency 5: 300/min → 5 slots × 1 s; 100/min → 5 × 3 s; 80/min → 4 × 3 s.
     A rate above ``concurrency × 60``/min is capped there (one delivery per second per
-    slot is the finest pacing Postfix offers).
+    slot is the finest pacing Postfix offers). ``headroom`` (a share of the rate, 0 to
+    0.5) lowers the target first: 300/min with 0.03 → 4 × 1 s.
     """
     if concurrency < 1 or messages_per_minute <= 0:
         raise ValueError("concurrency and messages_per_minute must be positive")
+    if not 0.0 <= headroom <= 0.5:
+        raise ValueError("headroom must be between 0 and 0.5")
+    messages_per_minute *= 1.0 - headroom
     best = SlotPlan(1, max(1, math.ceil(60.0 / messages_per_minute)))
     for k in range(1, concurrency + 1):
         delay = max(1, math.ceil(60.0 * k / messages_per_minute - 1e-9))
@@ -52,6 +72,11 @@ def slot_plan(concurrency: int, messages_per_minute: float) -> SlotPlan:
         if best.per_minute <= plan.per_minute <= messages_per_minute + 1e-9:
             best = plan
     return best
+
+
+def limits_plan(limits: "Limits") -> SlotPlan:
+    """The slot plan of one IP's configured limits (the one place that reads them)."""
+    return slot_plan(limits.concurrency, limits.messages_per_minute, limits.postfix_headroom)
 
 
 def active_slots(plan: SlotPlan, rate_factor: float) -> int:

@@ -122,6 +122,9 @@ def test_time_scale_multiplies_every_duration() -> None:
         ("limits: {per_ip: {burst: -1}}\n", "governor.yaml:1: limits.per_ip.burst: expected a whole number from 0 to 10000, got -1"),
         # 19. the whole file is not a mapping
         ("- just\n- a list\n", "governor.yaml:1: expected a mapping"),
+        # 20. headroom is a share of the rate, at most a half
+        ("limits:\n  per_ip:\n    postfix_headroom: 5\n",
+         "governor.yaml:3: limits.per_ip.postfix_headroom: expected a number from 0 to 0.5, got 5"),
     ],
 )
 def test_errors_name_file_line_and_path(text: str, expected: str) -> None:

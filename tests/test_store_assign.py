@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis
 
-from governor.config import Config, load_config_text
+from governor.config import Config, Limits, load_config_text
 from governor.policy import Action
 from governor.store import AsyncStore, Store
 from governor.store import plans as store_plans
@@ -66,6 +66,13 @@ def test_every_offered_slot_gets_an_equal_share(make_store: Any, pick: str) -> N
     a = store.assign("x@yahoo.com")
     assert a.granted and a.reason == "ok" and a.offered == 20
     assert a.transport == f"yahoo-ip{IPS.index(a.ip) + 1}-s{a.slot}"
+
+
+def test_postfix_headroom_offers_the_slots_of_the_lower_plan(make_store: Any) -> None:
+    """300/min with 3 % headroom plans 4 slots x 1 s: assign hands out slots 1-4 only."""
+    store = make_store(limits=Limits(concurrency=5, messages_per_minute=300, postfix_headroom=0.03))
+    got = shares(store, 32)
+    assert {slot for _, slot in got} == {1, 2, 3, 4} and set(got.values()) == {2}
 
 
 @pytest.mark.parametrize("pick", ["script", "sequential"])

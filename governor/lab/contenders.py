@@ -50,15 +50,18 @@ class Timing:
 
     ``rate_scale``: one "Yahoo minute" lasts ``60 / rate_scale`` s — the simulator's rate
     window and its TSS04 penalty shrink by it, and the governor is told the scaled rate
-    (``yahoo_rate × rate_scale`` per real minute). 3 is the largest scale at which a
-    Postfix slot plan still hits the rate exactly (5 slots × 1 s = 300/min).
+    (``yahoo_rate × rate_scale`` per real minute). 2.5 because Postfix's rate delay
+    is whole seconds: at 250/min its best plan is 4 slots × 1 s = 240/min (96 %), whose
+    worst window (4 × (24 + 1) = 100, see ``SlotPlan.worst_minute``) still fits; at 3
+    the only plans are 300/min (100 %, one delivery per slot early overshoots a 20 s
+    window) and 240/min (80 %).
     ``retry_scale``: MTA retry timers (Postfix's 300 s queue run / backoff, Exim's
     retry rules) are multiplied by it, floored at Postfix's 1 s minimum.
     ``governor_time_scale``: the governor's own hour-long reactions (2 h TSS04 pause)
     in seconds, long enough to outlast the simulator's scaled penalty.
     """
 
-    rate_scale: float = 3.0
+    rate_scale: float = 2.5
     yahoo_rate: int = 100          # messages per Yahoo minute per IP
     yahoo_conn: int = 5
     penalty: float = 60.0          # Yahoo seconds (simulator default)

@@ -25,7 +25,7 @@ from governor.store.keys import (
     valid_provider, valid_queue_id, valid_recipient, valid_seconds, valid_text,
 )
 from governor.store.model import Assignment, AuditEntry, Decision, Hold, IpStatus
-from governor.transports import SlotPlan, active_slots, slot_plan, slot_transport
+from governor.transports import SlotPlan, active_slots, limits_plan, slot_transport
 
 US = 1_000_000
 DAY = 86400.0
@@ -121,7 +121,7 @@ class Planner:
             warm = (int(cfg.warmup.initial_per_day), repr(float(cfg.warmup.double_every_days)),
                     self._start_day(egress.warmup_start))
         limits = (int(lim.concurrency), interval, int(lim.burst), _us(lim.lease_ttl), *warm)
-        slots = slot_plan(int(lim.concurrency), mpm).slots if interval else int(lim.concurrency)
+        slots = limits_plan(lim).slots if interval else int(lim.concurrency)
         return _IpPlan(ip, self.keys.ip(ip), limits, int(lim.messages_per_connection), mpm, warm, slots)
 
     def _start_day(self, start: dt.date | None) -> int:
